@@ -1,0 +1,76 @@
+"""The interface every parametrization implements, and its registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Parametrization(ABC):
+    """A policy built from a base model. ``model`` is what the optimizer trains and the scorer runs."""
+
+    model: nn.Module
+    starts_at_reference: bool = True  # the untrained policy computes the reference's function
+
+    def place(self, device: torch.device) -> None:
+        """Move everything the parametrization owns (policy and any reference copy) to a device."""
+        self.model.to(device)
+
+    @abstractmethod
+    def reference(self) -> AbstractContextManager[nn.Module]:
+        """Context yielding the module whose forward is the reference policy (run it under no_grad)."""
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors that training changes, by parameter name: what a checkpoint must hold."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        unknown = [n for n in state if n not in params]
+        if missing or unknown:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts of the policy (shared tied weights counted once)."""
+        seen, trainable, total = set(), 0, 0
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    @abstractmethod
+    def save_final(self, out_dir: Path) -> None:
+        """Write the trained policy in Hugging Face format (a PEFT adapter or a full model)."""
+
+
+@dataclass(frozen=True)
+class ParametrizationSpec:
+    kind: str
+    params: type  # frozen dataclass of the kind's options
+    build: Callable[[nn.Module, object], Parametrization]
+
+
+_REGISTRY: dict[str, ParametrizationSpec] = {}
+
+
+def register_parametrization(kind: str, params: type, build: Callable[[nn.Module, object], Parametrization]) -> None:
+    if kind in _REGISTRY:
+        raise ValueError(f"parametrization {kind!r} registered twice")
+    _REGISTRY[kind] = ParametrizationSpec(kind, params, build)
+
+
+def parametrization_registry() -> dict[str, ParametrizationSpec]:
+    return dict(_REGISTRY)

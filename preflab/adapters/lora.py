@@ -1,0 +1,59 @@
+"""LoRA and DoRA through PEFT. The reference is the same network with the adapter disabled: no copy.
+
+- LoRA: Hu et al., arXiv 2106.09685. ``W + (α/r)·B·A`` with ``B = 0`` at the start, so the policy starts
+  equal to the reference.
+- DoRA: Liu et al., arXiv 2402.09353 (PEFT ``use_dora=True``): magnitude and direction decomposed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .base import Parametrization, register_parametrization
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)  # module names, or all-linear (every Linear but the head)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r: must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules: must name at least one module (or all-linear)")
+
+
+class PeftAdapter(Parametrization):
+    def __init__(self, model: nn.Module, params: LoraParams, use_dora: bool):
+        from peft import LoraConfig, get_peft_model
+
+        targets = params.target_modules
+        config = LoraConfig(
+            r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout, use_dora=use_dora,
+            target_modules="all-linear" if targets == ("all-linear",) else list(targets), task_type="CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(model, config)
+        except ValueError as e:  # PEFT names the module it could not find
+            raise ValueError(f"target_modules: {e}") from None
+
+    @contextmanager
+    def reference(self):
+        with self.model.disable_adapter():
+            yield self.model
+
+    def save_final(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+
+
+register_parametrization("lora", LoraParams, lambda model, p: PeftAdapter(model, p, use_dora=False))
+register_parametrization("dora", LoraParams, lambda model, p: PeftAdapter(model, p, use_dora=True))

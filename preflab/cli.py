@@ -1,0 +1,139 @@
+"""The ``preflab`` command.
+
+    preflab train [CONFIG.yaml] [key.sub=value ...]   train (resumes from the run directory's last checkpoint)
+    preflab export RUN_DIR OUT_DIR                    merge an adapter run into a plain Hugging Face model
+    preflab data build TASK --out DIR [...]           sample, score and pair responses for a gold-reward task
+    preflab config [CONFIG.yaml] [key=value ...]      print the resolved config without running anything
+
+User errors (config, data, missing files, non-finite loss) end with one clear line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _print_summary(result) -> None:
+    before, after = result.before or {}, result.after or {}
+    print(f"\npreflab: trained {result.steps} steps in {result.seconds:.0f} s of training time")
+    if after:
+        print(f"held-out pairs: {after['num_pairs']}")
+        for key, label in (("loss", "loss"), ("rewards/accuracies", "preference accuracy (implicit reward)"),
+                           ("pref/logp_accuracy_per_token", "likelihood preference (per token)"),
+                           ("rewards/margins", "reward margin")):
+            print(f"  {label:40s} {_fmt(before.get(key))} -> {_fmt(after.get(key))}")
+    print(f"run directory: {result.run_dir} (final model in {result.run_dir / 'final'})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train.loop import train
+
+    path, overrides = _config_args(args.args)
+    config = load_config(path, overrides)
+    _print_summary(train(config))
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import load_config
+
+    path, overrides = _config_args(args.args)
+    print(yaml.safe_dump(load_config(path, overrides).to_dict(), sort_keys=False), end="")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_run
+
+    print(f"exported to {export_run(args.run_dir, args.out_dir, args.dtype)}")
+
+
+def cmd_data_build(args: argparse.Namespace) -> None:
+    import json
+
+    from .data.build import BuildConfig, build_pairs, write_data_card
+    from .models.generate import SamplingConfig
+
+    cfg = BuildConfig(task=args.task, split=args.split, model=args.model, num_prompts=args.num_prompts, k=args.k,
+                      min_gap=args.min_gap, batch_prompts=args.batch_prompts, seed=args.seed,
+                      sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                              top_p=args.top_p))
+    print(json.dumps(build_pairs(cfg, args.out), indent=2))
+    print(f"data card: {write_data_card(args.out, args.task)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="preflab", description="Preference optimization of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy from a YAML config plus key.sub=value overrides")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved config (validation only)")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("export", help="write a run's final model as a plain Hugging Face model")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_export)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("build", help="sample k responses per prompt, score them, keep best-vs-worst pairs")
+    p.add_argument("task")
+    p.add_argument("--out", required=True, help="output directory (resumes a build found there)")
+    p.add_argument("--split", default="train", choices=["train", "eval"])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("-k", type=int, default=4, help="samples per prompt")
+    p.add_argument("--min-gap", type=float, default=0.5, help="minimum gold-score gap of a kept pair")
+    p.add_argument("--batch-prompts", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=cmd_data_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data.dataset import DataError
+    from .data.sources import DataSourceError
+    from .models.loader import ModelNotFoundError
+    from .train.loop import TrainingError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, DataSourceError, ModelNotFoundError, TrainingError, FileNotFoundError) as e:
+        print(f"preflab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

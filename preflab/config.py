@@ -1,0 +1,367 @@
+"""The run configuration: YAML, then dotted command-line overrides, then a typed tree.
+
+``preflab train configs/dpo.yaml train.lr=1e-4 loss.beta=0.2`` reads the YAML into a plain tree,
+applies each override to it (``a.b.c=value``; list items by index, ``loss.1.weight=0.1``; values parsed
+as YAML), and only then resolves the tree into the dataclasses below. Resolution checks every key, type
+and value before any work starts and raises :class:`ConfigError` naming the key, what was expected and,
+for an unknown key, the close matches.
+
+Two sections are *components*, chosen by a name and validated against that choice's own dataclass:
+``parametrization`` (``kind:``, see :mod:`preflab.adapters`) and ``loss`` (``name:``, see
+:mod:`preflab.losses`; a single mapping or a list of mappings summed with their ``weight``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # built-in name, local dir, .gguf file, run dir or hub id
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
+    attn_implementation: str = field(default="sdpa", metadata={"choices": ("sdpa", "eager", "flash_attention_2")})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "builtin:sentiment"  # builtin:NAME, a .jsonl/.json/.csv/.parquet file, a dataset dir, a hub name
+    eval: str | None = "builtin:sentiment"  # held-out pairs; null for none
+    train_split: str = "train"  # for builtin sets, dataset dirs and hub datasets
+    eval_split: str = "eval"
+    max_length: int = 512  # prompt + response tokens
+    max_prompt_length: int | None = 256
+    prompt_truncation: str = field(default="left", metadata={"choices": ("left", "right")})  # left keeps the end
+    on_error: str = field(default="strict", metadata={"choices": ("strict", "skip")})
+    max_train_pairs: int | None = None  # first N rows only (after validation)
+    max_eval_pairs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length: must be in [1, max_length={self.max_length}), got "
+                             f"{self.max_prompt_length}")
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    chunk_size: int = 1024  # response tokens per slice of the vocabulary projection; 0: full logits (slow path)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 0:
+            raise ValueError(f"chunk_size: must be >= 0, got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8  # pairs per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    epochs: float = 1.0
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant",
+                                                                      "constant_with_warmup")})
+    max_grad_norm: float | None = 1.0  # null: no clipping
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    eval_steps: int | None = None  # null: evaluate before training and at the end only
+    eval_batch_size: int = 16
+    save_steps: int | None = None  # null: a checkpoint at the end only
+    save_total_limit: int | None = 2  # keep the last N checkpoints; null keeps all
+    report_to: tuple[str, ...] = ()  # accelerate trackers, e.g. [tensorboard]
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "logging_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: must be >= 1 or null, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"epochs: must be > 0, got {self.epochs}")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A choice made by name (``key`` is ``kind`` or ``name``) and that choice's validated parameters."""
+
+    key: str
+    name: str
+    params: Any  # a frozen dataclass instance
+
+    def to_dict(self) -> dict:
+        return {self.key: self.name, **dataclasses.asdict(self.params)}
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/dpo"
+    seed: int = 0
+    resume: str = "auto"  # auto: continue from the run directory's last checkpoint; never; or a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parametrization: Component = field(default=None)  # type: ignore[assignment]
+    loss: tuple[Component, ...] = ()
+    data: DataConfig = field(default_factory=DataConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Components: the registries the names resolve against.
+
+
+def _component_registries() -> dict[str, tuple[str, dict[str, type], Any]]:
+    from .adapters import parametrization_registry
+    from .losses import loss_registry
+
+    params = {k: v.params for k, v in parametrization_registry().items()}
+    losses = {k: v.hparams for k, v in loss_registry().items()}
+    return {"parametrization": ("kind", params, {"kind": "lora"}),
+            "loss": ("name", losses, {"name": "sigmoid"})}
+
+
+def _resolve_component(raw: Any, path: str, key: str, registry: dict[str, type]) -> Component:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with a {key!r} key, got {_show(raw)}")
+    raw = dict(raw)
+    if key not in raw:
+        raise ConfigError(f"{path}.{key}: missing; expected one of {sorted(registry)}")
+    name = raw.pop(key)
+    if name not in registry:
+        raise ConfigError(f"{path}.{key}: unknown {key} {name!r}; expected one of {sorted(registry)}"
+                          + _suggest(str(name), registry))
+    return Component(key, name, _build(registry[name], raw, path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generic resolution of a plain tree into dataclasses.
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str) and args[-1] is Ellipsis:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {_show(value)}")
+        if args[-1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}.{i}") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{path}.{i}") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise ConfigError(f"{path}: expected true or false, got {_show(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {_show(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {_show(value)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        return _build(tp, value, path)
+    raise TypeError(f"config type {tp!r} at {path} is not supported")  # a bug in preflab, not user input
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, raw: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields_:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key; valid keys here: {sorted(fields_)}" + _suggest(str(key), fields_))
+    kwargs = {}
+    for name, value in raw.items():
+        where = f"{path}.{name}" if path else name
+        value = _coerce(value, hints[name], where)
+        choices = fields_[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}" + _suggest(str(value), choices))
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # __post_init__ checks name the field first: "beta: must be > 0"
+        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
+
+
+def resolve(raw: dict) -> Config:
+    """A typed :class:`Config` from a plain tree (YAML + overrides)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {_show(raw)}")
+    raw = dict(raw)
+    components = {}
+    for section, (key, registry, default) in _component_registries().items():
+        value = raw.pop(section, None) or dict(default)
+        if section == "loss":
+            terms = value if isinstance(value, list) else [value]
+            if not terms:
+                raise ConfigError("loss: expected at least one term")
+            path = (lambda i: f"loss.{i}") if isinstance(value, list) else (lambda i: "loss")
+            components[section] = tuple(_resolve_component(t, path(i), key, registry) for i, t in enumerate(terms))
+        else:
+            components[section] = _resolve_component(value, section, key, registry)
+    config = _build(Config, raw, "")
+    return dataclasses.replace(config, **components)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML and overrides.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: malformed key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_override(tree: dict, keys: list[str], value: Any) -> None:
+    node: Any = tree
+    for depth, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            node = node[_index(node, key, where)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: cannot set a sub-key of a {type(node).__name__}")
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_index(node, last, ".".join(keys))] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"{'.'.join(keys[:-1])}: cannot set a sub-key of a {type(node).__name__}")
+
+
+def _index(node: list, key: str, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"{where}: expected an index in [0, {len(node)}) of a list of {len(node)}")
+    return int(key)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """YAML file (or defaults when ``path`` is None) + ``key.sub=value`` overrides → typed config."""
+    tree = load_yaml(path) if path is not None else {}
+    for section, (_, _, default) in _component_registries().items():
+        if tree.get(section) is None:  # so that "loss.beta=0.2" works without a loss section
+            tree[section] = dict(default)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    return resolve(tree)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, Component):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

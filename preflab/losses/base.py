@@ -1,0 +1,142 @@
+"""What every objective shares: its inputs, its output, its hyperparameter base class and the registry.
+
+An objective is a pure function ``(PairLogps, hp) -> LossOutput``. It knows nothing of models,
+tokenizers or configs. New objective = one module that calls :func:`register_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+from torch import Tensor
+
+NORMALIZE_CHOICES = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Per-sequence log-probs of a batch of pairs, all shaped ``(B,)``.
+
+    ``*_tokens`` are response token counts (float). Reference log-probs may be ``None`` for
+    reference-free objectives.
+    """
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+
+    def policy(self, normalize: str) -> tuple[Tensor, Tensor]:
+        if normalize == "mean":
+            return self.policy_chosen / self.chosen_tokens, self.policy_rejected / self.rejected_tokens
+        return self.policy_chosen, self.policy_rejected
+
+    def logratios(self, normalize: str) -> tuple[Tensor, Tensor]:
+        """``ρ⁺ = logp_θ(y⁺) − logp_ref(y⁺)`` and ``ρ⁻``, shape ``(B,)``, per token if ``normalize='mean'``."""
+        if self.ref_chosen is None or self.ref_rejected is None:
+            raise ValueError("this objective needs reference log-probs, but none were given")
+        ref = PairLogps(self.ref_chosen, self.ref_rejected, None, None, self.chosen_tokens, self.rejected_tokens)
+        (pc, pr), (rc, rr) = self.policy(normalize), ref.policy(normalize)
+        return pc - rc, pr - rr
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Unreduced per-pair losses ``(B,)`` and detached implicit rewards / margin ``(B,)``.
+
+    ``chosen_rewards``/``rejected_rewards``/``margin`` are ``None`` for terms that define no implicit
+    reward (the SFT term). ``margin`` is the log-ratio margin ``h = ρ⁺ − ρ⁻`` the objective used.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor | None = None
+    rejected_rewards: Tensor | None = None
+    margin: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossHParams:
+    """Base of every objective's hyperparameters. ``weight`` is its factor in a weighted sum."""
+
+    weight: float = 1.0
+    logp_normalize: str = "sum"
+
+    def __post_init__(self) -> None:
+        if self.logp_normalize not in NORMALIZE_CHOICES:
+            raise ValueError(f"logp_normalize: expected one of {NORMALIZE_CHOICES}, got {self.logp_normalize!r}")
+
+    def _require_positive(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+
+
+def dpo_rewards(rho_c: Tensor, rho_r: Tensor, beta_c: float, beta_r: float | None = None) -> dict:
+    """The implicit rewards ``r± = β·ρ±`` and the margin ``h``, detached, as ``LossOutput`` fields."""
+    beta_r = beta_c if beta_r is None else beta_r
+    return {
+        "chosen_rewards": (beta_c * rho_c).detach(),
+        "rejected_rewards": (beta_r * rho_r).detach(),
+        "margin": (rho_c - rho_r).detach(),
+    }
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: Callable[[PairLogps, LossHParams], LossOutput]
+    hparams: type[LossHParams]
+    reference_free: bool = False
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, hparams: type[LossHParams], reference_free: bool = False):
+    """Decorator: make ``fn`` available as objective ``name`` with hyperparameter class ``hparams``."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"loss {name!r} registered twice")
+        _REGISTRY[name] = LossSpec(name, fn, hparams, reference_free)
+        return fn
+
+    return wrap
+
+
+def loss_registry() -> dict[str, LossSpec]:
+    return dict(_REGISTRY)
+
+
+def hparam_names(cls: type[LossHParams]) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A weighted sum of registered objectives: ``Σ_i w_i · loss_i``; the first term with implicit rewards
+    provides the reported rewards and margin."""
+
+    terms: tuple[tuple[LossSpec, LossHParams], ...]
+
+    @property
+    def reference_free(self) -> bool:
+        return all(spec.reference_free for spec, _ in self.terms)
+
+    def __call__(self, logps: PairLogps) -> LossOutput:
+        total = None
+        rewards = {}
+        for spec, hp in self.terms:
+            out = spec.fn(logps, hp)
+            weighted = hp.weight * out.losses
+            total = weighted if total is None else total + weighted
+            if not rewards and out.margin is not None:
+                rewards = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+                           "margin": out.margin}
+        if not rewards:  # reference-free only: report the policy's own log-prob margin
+            rewards = {"margin": (logps.policy_chosen - logps.policy_rejected).detach()}
+        return LossOutput(total, **rewards)
+

@@ -1,0 +1,24 @@
+"""Hinge (SLiC / RSO) objective: Liu et al., *Statistical Rejection Sampling Improves Preference
+Optimization*, arXiv 2309.06657, eq. 9: ``ℓ = max(0, 1 − β·h)``, with ``h = ρ⁺ − ρ⁻``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss
+
+
+@dataclass(frozen=True)
+class HingeHParams(LossHParams):
+    beta: float = 0.1  # 1/β is the margin the policy must reach
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require_positive("beta")
+
+
+@register_loss("hinge", HingeHParams)
+def hinge_loss(logps: PairLogps, hp: HingeHParams) -> LossOutput:
+    rho_c, rho_r = logps.logratios(hp.logp_normalize)
+    losses = (1 - hp.beta * (rho_c - rho_r)).clamp(min=0)
+    return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))

@@ -1,0 +1,29 @@
+"""SFT / NLL term on the chosen response, to add to any objective with a weight γ.
+
+Yan et al., *3D-Properties*, arXiv 2406.07327 eq. 7 (SFT-DPO); RPO (Pang et al., arXiv 2404.19733) uses
+weight 1 with a length-normalised NLL. ``ℓ = −logp_θ(y⁺)`` (``normalize: sum``, eq. 7 literally) or
+``−logp_θ(y⁺)/|y⁺|`` (``mean``, the default; Assumption). Reference-free. With γ > 0 it keeps
+``∂ℓ/∂π⁺ ≈ −γ/π⁺`` from vanishing when the rejected likelihood collapses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import NORMALIZE_CHOICES, LossHParams, LossOutput, PairLogps, register_loss
+
+
+@dataclass(frozen=True)
+class SFTHParams(LossHParams):
+    normalize: str = "mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalize not in NORMALIZE_CHOICES:
+            raise ValueError(f"normalize: expected one of {NORMALIZE_CHOICES}, got {self.normalize!r}")
+
+
+@register_loss("sft", SFTHParams, reference_free=True)
+def sft_loss(logps: PairLogps, hp: SFTHParams) -> LossOutput:
+    chosen, _ = logps.policy(hp.normalize)
+    return LossOutput(-chosen)

@@ -1,0 +1,33 @@
+"""Tasks: a seeded prompt generator with disjoint train/eval splits, plus the gold reward that judges it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..rewards import Reward, get_reward
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    prompts: Callable[[str, int], list[str]]  # (split, seed) -> prompts
+    reward: str  # name in the reward registry
+
+    def make_reward(self) -> Reward:
+        return get_reward(self.reward)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> None:
+    _TASKS[task.name] = task
+
+
+def get_task(name: str) -> Task:
+    from . import sentiment  # noqa: F401  (registers)
+
+    if name not in _TASKS:
+        raise KeyError(f"task: unknown name {name!r}; known: {sorted(_TASKS)}")
+    return _TASKS[name]

@@ -1,0 +1,91 @@
+"""Checkpoints that lose nothing: everything needed to resume exactly, written atomically.
+
+A checkpoint is a directory ``checkpoints/step-00000042/`` holding
+
+- ``trainable.safetensors``: the tensors training changes (the adapter, or every weight);
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
+- ``rng.pt``: Python, NumPy and torch (CPU and CUDA) generator states;
+- ``state.json``: step, data position, counters.
+
+It is written under a temporary name and renamed into place, so a crash during a save leaves the previous
+checkpoint intact and no half-written one visible. Only directories with ``state.json`` count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                    state: dict, keep_last: int | None = None) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a re-save of the same step (e.g. the end of a finished run resumed)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The pieces of a checkpoint; optimizer/scheduler/rng states are loaded on the CPU."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume: {path} is not a complete preflab checkpoint (no {STATE_FILE})")
+    return {
+        "trainable": load_file(path / "trainable.safetensors"),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False),
+        "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=False),
+        "state": json.loads((path / STATE_FILE).read_text()),
+    }

@@ -1,0 +1,279 @@
+"""The offline schedule: epochs over a fixed preference dataset, on ``accelerate``.
+
+``preflab train configs/dpo.yaml`` runs :func:`train`. One optimizer step = ``grad_accum`` micro-batches
+of ``batch_size`` pairs: policy log-probs (one forward for chosen and rejected), reference log-probs (the
+base with the adapter off, or the frozen copy), objective, backward; then clipping, AdamW, scheduler.
+Held-out pairs are evaluated before training, every ``eval_steps`` and at the end; reference log-probs of
+the held-out set are computed once. Checkpoints make the run resumable exactly (``resume: auto``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from ..adapters import Parametrization, build_parametrization
+from ..config import Config, ConfigError, dump_config
+from ..data.collate import collate_pairs
+from ..data.dataset import load_pairs
+from ..data.tokenize import PairTokenizer
+from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
+from ..losses import Objective, PairLogps, build_objective
+from ..models.loader import load_model, load_tokenizer
+from ..models.scorer import SequenceScorer
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .metrics import MetricAccumulator, MetricsWriter, pair_metrics
+from .order import BatchOrder
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (a non-finite loss); the message says at which step and on which rows."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    seconds: float
+    before: dict | None
+    after: dict | None
+
+
+def _resume_path(config: Config, run_dir: Path) -> Path | None:
+    if config.resume == "never":
+        if list_checkpoints(run_dir):
+            raise ConfigError(f"resume: output_dir {run_dir} already holds checkpoints; use resume=auto to continue "
+                              "that run or choose another output_dir")
+        return None
+    if config.resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(config.resume)
+    if not path.is_dir():
+        raise ConfigError(f"resume: checkpoint {path} does not exist")
+    return path
+
+
+def _optimizer(param: Parametrization, config: Config) -> torch.optim.Optimizer:
+    trainable = [p for p in param.model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on biases and norms
+    rest = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.lr, betas=config.train.adam_betas)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Dropout off for a forward that must be deterministic (reference, evaluation); restores the mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class OfflineRun:
+    """Everything one offline run holds; :meth:`run` trains it to the end (or resumes it)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        self.resume_from = _resume_path(config, self.run_dir)  # config errors before any work
+        tc = config.train
+        self.accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
+                                       log_with=list(tc.report_to) or None, project_dir=str(self.run_dir))
+        set_seed(config.seed)
+        self.tokenizer = load_tokenizer(config.model.name)
+        dc = config.data
+        pair_tokenizer = PairTokenizer(self.tokenizer, dc.max_length, dc.max_prompt_length, dc.prompt_truncation)
+        self.train_pairs, report = load_pairs(dc.train, dc.train_split, pair_tokenizer, dc.on_error, dc.max_train_pairs)
+        self.reports = [report.summary()]
+        self.eval_pairs = []
+        if dc.eval:
+            self.eval_pairs, report = load_pairs(dc.eval, dc.eval_split, pair_tokenizer, dc.on_error, dc.max_eval_pairs)
+            self.reports.append(report.summary())
+        model = load_model(config.model.name, config.model.dtype, config.model.attn_implementation)
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.param = build_parametrization(config.parametrization.name, config.parametrization.params, model)
+        self.objective: Objective = build_objective([t.to_dict() for t in config.loss])
+        self.order = BatchOrder(len(self.train_pairs), tc.batch_size, config.seed)
+        self.total_steps = tc.max_steps or math.ceil(tc.epochs * self.order.batches_per_epoch / tc.grad_accum)
+        self.optimizer = _optimizer(self.param, config)
+        self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=round(tc.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.scorer, self.optimizer = self.accelerator.prepare(
+            SequenceScorer(self.param.model, config.scorer.chunk_size), self.optimizer)
+        self.param.place(self.accelerator.device)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0}
+        self.eval_record: dict = {"before": None, "history": [], "after": None}
+        self._eval_reference: SequenceLogps | None = None
+
+    # -- pieces of a step ---------------------------------------------------------------------------------
+
+    def reference_logps(self, inputs: dict) -> torch.Tensor | None:
+        if self.objective.reference_free:
+            return None
+        with torch.no_grad(), self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
+            return SequenceScorer(ref, self.config.scorer.chunk_size)(**inputs)[0]
+
+    def micro_step(self, indices: list[int], sync: bool, scale: float) -> dict:
+        batch = collate_pairs([self.train_pairs[i] for i in indices], self.pad_id).to(self.accelerator.device)
+        inputs = batch.scorer_inputs()
+        ref = self.reference_logps(inputs)
+        b = batch.num_pairs
+        with (nullcontext() if sync else self.accelerator.no_sync(self.scorer)), self.accelerator.autocast():
+            logps, counts = self.scorer(**inputs)
+            pair = PairLogps(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
+                             counts[:b], counts[b:])
+            out = self.objective(pair)
+            loss = out.losses.mean()
+            if not torch.isfinite(loss):
+                rows = ", ".join(self.train_pairs[i].where for i in indices[:4])
+                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.state['step'] + 1}, batch of "
+                                    f"{b} pairs starting with: {rows}; no checkpoint was written for this step")
+            self.accelerator.backward(loss * scale)
+        self.state["tokens"] += batch.num_tokens
+        return pair_metrics(pair, out)
+
+    def optimizer_step(self) -> dict:
+        tc = self.config.train
+        acc = MetricAccumulator()
+        tokens_before, t0 = self.state["tokens"], time.perf_counter()
+        for i in range(tc.grad_accum):
+            acc.add(self.micro_step(self.order.batch(self.state["micro"]), sync=i == tc.grad_accum - 1,
+                                    scale=1.0 / tc.grad_accum))
+            self.state["micro"] += 1
+        record = acc.mean()
+        if tc.max_grad_norm is not None:
+            params = [p for p in self.param.model.parameters() if p.requires_grad]
+            record["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        seconds = time.perf_counter() - t0
+        self.state["seconds"] += seconds
+        record["step_seconds"] = seconds
+        record["tokens_per_second"] = (self.state["tokens"] - tokens_before) / seconds
+        record["epoch"] = self.state["micro"] / self.order.batches_per_epoch
+        return {"step": self.state["step"], **record}
+
+    # -- evaluation and checkpoints -----------------------------------------------------------------------
+
+    def evaluate(self, policy_is_reference: bool = False) -> dict | None:
+        if not self.eval_pairs:
+            return None
+        bs, device = self.config.train.eval_batch_size, self.accelerator.device
+        if self._eval_reference is None:
+            with self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
+                self._eval_reference = score_pairs(SequenceScorer(ref, self.config.scorer.chunk_size),
+                                                   self.eval_pairs, bs, self.pad_id, device)
+        if policy_is_reference:
+            policy = self._eval_reference
+        else:
+            with eval_mode(self.scorer), self.accelerator.autocast():
+                policy = score_pairs(self.scorer, self.eval_pairs, bs, self.pad_id, device)
+        return preference_metrics(self.objective, policy, self._eval_reference)
+
+    def save(self) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.run_dir, self.state["step"], self.param.trainable_state_dict(), self.optimizer,
+                            self.scheduler, dict(self.state), self.config.train.save_total_limit)
+            _write_json(self.run_dir / "eval.json", self.eval_record)
+        self.accelerator.wait_for_everyone()
+
+    def restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        self.param.load_trainable_state_dict(ckpt["trainable"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.state = ckpt["state"]
+        eval_path = self.run_dir / "eval.json"
+        if eval_path.is_file():
+            self.eval_record = json.loads(eval_path.read_text())
+            self.eval_record["history"] = [h for h in self.eval_record["history"] if h["step"] <= self.state["step"]]
+            self.eval_record["after"] = None
+
+    # -- the run ------------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        tc, main = self.config.train, self.accelerator.is_main_process
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.config, self.run_dir / "config.yaml")
+        for line in self.reports:
+            log.info("data: %s", line)
+        trainable, total = self.param.parameter_counts()
+        log.info("parametrization %s: %s trainable of %s parameters (%.4f%%)", self.config.parametrization.name,
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
+            log.info("resumed from %s at step %d", self.resume_from, self.state["step"])
+        else:
+            self.eval_record["before"] = self.evaluate(policy_is_reference=self.param.starts_at_reference)
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl", self.state["step"]) if main else None
+        if tc.report_to:
+            self.accelerator.init_trackers("preflab", config=self.config.to_dict())
+        self.scorer.train()
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
+                   desc="train", unit="step")
+        while self.state["step"] < self.total_steps:
+            record = self.optimizer_step()
+            step = record["step"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}",
+                            acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
+                evaluation = self.evaluate()
+                if evaluation:
+                    self.eval_record["history"].append({"step": step, **evaluation})
+                    record.update({f"eval/{k}": v for k, v in evaluation.items()})
+            if step % tc.logging_steps == 0 or step == self.total_steps:
+                if writer:
+                    writer.write(record)
+                if tc.report_to:
+                    self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            if tc.save_steps and step % tc.save_steps == 0 and step < self.total_steps:
+                self.save()
+        bar.close()
+        self.eval_record["after"] = self.evaluate()
+        if self.eval_record["after"]:
+            self.eval_record["history"].append({"step": self.state["step"], **self.eval_record["after"]})
+        self.save()
+        if main:
+            self.param.save_final(self.run_dir / "final")
+            self.tokenizer.save_pretrained(self.run_dir / "final")
+        if tc.report_to:
+            self.accelerator.end_training()
+        return RunResult(self.run_dir, self.state["step"], self.state["seconds"], self.eval_record["before"],
+                         self.eval_record["after"])
+
+
+def train(config: Config) -> RunResult:
+    return OfflineRun(config).run()

@@ -1,0 +1,68 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's) and tiny random Llama models built from a config in code."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from preflab.models.loader import DEFAULT_MODEL, load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+def make_tiny_model(tokenizer, seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(len(tokenizer), **overrides))
+    model.config.attn_implementation = "sdpa"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama with the SmolLM2 tokenizer, saved in Hugging Face format."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)
+
+
+def sentiment_rows(n: int, offset: int = 0) -> list[dict]:
+    """Small synthetic conversational pairs: a positive chosen, a negative rejected."""
+    good = ["I loved it, wonderful.", "Great value and friendly staff.", "Excellent, would go again.",
+            "A delightful experience."]
+    bad = ["Terrible, never again.", "Awful service and cold food.", "Boring and far too long.",
+           "A waste of money."]
+    rows = []
+    for i in range(offset, offset + n):
+        rows.append({"prompt": [{"role": "user", "content": f"Review item number {i}."}],
+                     "chosen": [{"role": "assistant", "content": good[i % 4]}],
+                     "rejected": [{"role": "assistant", "content": bad[(i // 4) % 4]}]})
+    return rows

@@ -1,0 +1,61 @@
+"""Properties every registered objective must have."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from preflab.losses import PairLogps, build_objective, loss_registry
+
+NAMES = sorted(loss_registry())
+
+
+def _random_logps(seed=0, n=8):
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda: (-torch.rand(n, generator=gen, dtype=torch.float64) * 40).requires_grad_(True)  # noqa: E731
+    return PairLogps(draw(), draw(), -torch.rand(n, dtype=torch.float64) * 40,
+                     -torch.rand(n, dtype=torch.float64) * 40, torch.full((n,), 6.0, dtype=torch.float64),
+                     torch.full((n,), 9.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_unreduced_and_detached(name):
+    logps = _random_logps()
+    out = build_objective([{"name": name}])(logps)
+    assert out.losses.shape == (8,)
+    assert torch.isfinite(out.losses).all()
+    for t in (out.chosen_rewards, out.rejected_rewards, out.margin):
+        assert t is None or not t.requires_grad
+    out.losses.sum().backward()
+    assert logps.policy_chosen.grad is not None and torch.isfinite(logps.policy_chosen.grad).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_free_objectives_ignore_the_reference(name):
+    spec = loss_registry()[name]
+    logps = _random_logps()
+    no_ref = dataclasses.replace(logps, ref_chosen=None, ref_rejected=None)
+    objective = build_objective([{"name": name}])
+    if spec.reference_free:
+        torch.testing.assert_close(objective(logps).losses, objective(no_ref).losses)
+    else:
+        with pytest.raises(ValueError, match="reference"):
+            objective(no_ref)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("sft",)])
+def test_policy_equal_to_reference_gives_zero_rewards(name):
+    x = -torch.rand(4, dtype=torch.float64) * 10
+    n = torch.full((4,), 3.0, dtype=torch.float64)
+    out = build_objective([{"name": name}])(PairLogps(x, x + 1, x, x + 1, n, n))
+    assert torch.all(out.chosen_rewards == 0) and torch.all(out.rejected_rewards == 0)
+    assert torch.all(out.margin == 0)
+
+
+@pytest.mark.parametrize("name,bad", [("sigmoid", {"beta": 0}), ("sigmoid", {"label_smoothing": 0.5}),
+                                      ("flex", {"beta_rejected": -0.1}), ("ipo", {"logp_normalize": "max"}),
+                                      ("dpop", {"lambda_": -1}), ("sft", {"normalize": "avg"})])
+def test_bad_hyperparameters_name_the_field(name, bad):
+    field = next(iter(bad))
+    with pytest.raises(ValueError, match=field):
+        build_objective([{"name": name, **bad}])

@@ -1,0 +1,39 @@
+"""The command line: user errors end in one clear line and exit code 2, never a traceback."""
+
+import pytest
+
+from conftest import write_jsonl
+from preflab.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_config_prints_the_resolved_tree(capsys):
+    code, out, _ = _run(capsys, "config", "train.lr=2e-4")
+    assert code == 0 and "lr: 0.0002" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("config", "train.lrr=1"), "did you mean 'lr'"),
+    (("train", "missing.yaml"), "config file missing.yaml does not exist"),
+    (("train", "data.train=/nonexistent/file.jsonl", "model.name=/nonexistent/model"), "does not exist"),
+    (("export", "/nonexistent/run", "/tmp/out"), "does not exist"),
+])
+def test_user_errors_exit_2_with_one_line(capsys, argv, message):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith("preflab: error:")
+
+
+def test_bad_data_row_names_file_row_and_field(capsys, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                               {"prompt": "p", "chosen": "", "rejected": "b"}])
+    code, _, err = _run(capsys, "train", f"model.name={tiny_model_dir}", f"data.train={data}", "data.eval=null",
+                        f"output_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert f"{data} row 2: field 'chosen': empty response" in err
