@@ -10,6 +10,7 @@ Batch ``i`` is sampled with seed ``seed * 1_000_003 + i``: the result does not d
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import statistics
@@ -149,12 +150,15 @@ def write_data_card(out_dir: str | Path, task: str, splits: tuple[str, ...] = ("
     """``README.md`` beside the built files: how they were built and the score distributions, from the stats."""
     out = Path(out_dir)
     stats = {s: json.loads((out / f"{s}.stats.json").read_text()) for s in splits if (out / f"{s}.stats.json").is_file()}
-    reward_doc = (get_task(task).make_reward().__class__.__doc__ or "").strip()
+    task_obj = get_task(task)
+    reward_doc = (inspect.getmodule(type(task_obj.make_reward())).__doc__ or "").strip()
+    task_doc = (inspect.getmodule(task_obj.prompts).__doc__ or "").strip()
     lines = [f"# `{task}` preference pairs", "",
              "Built by `preflab data build` (see `preflab/data/build.py`): for each prompt of the task split, "
              "sample k responses from the model, score each with the task's gold reward, keep the best and the "
-             "worst as chosen/rejected when their score gap is at least `min_gap`.", "",
-             f"Gold reward: {reward_doc}", "",
+             "worst as chosen/rejected when their score gap is at least `min_gap`. A response ends where the model "
+             "stopped or at `max_new_tokens` (many are cut mid-sentence).", "",
+             f"Task: {task_doc}", "", f"Gold reward: {reward_doc}", "",
              "Columns: `id`, `prompt` (one user message), `chosen`/`rejected` (one assistant message each), "
              "`score_chosen`, `score_rejected`, `domain`. `<split>.samples.jsonl` keeps every sample and score.", ""]
     for split, st in stats.items():
