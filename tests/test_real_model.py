@@ -1,0 +1,40 @@
+"""A few checks on the real built-in SmolLM2-135M-Instruct (marked slow: seconds to a minute on a CPU)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from preflab.config import load_config
+from preflab.data.collate import collate_pairs
+from preflab.data.dataset import load_pairs
+from preflab.data.tokenize import PairTokenizer
+from preflab.models.loader import DEFAULT_MODEL, load_model
+from preflab.models.scorer import SequenceScorer
+from preflab.train.loop import OfflineRun
+
+pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_chunked_scorer_equals_full_logits_on_the_real_model(tokenizer):
+    model = load_model(DEFAULT_MODEL).eval()
+    pairs, _ = load_pairs("builtin:sentiment", "eval", PairTokenizer(tokenizer), limit=3)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        full, _ = SequenceScorer(model, chunk_size=0)(**batch.scorer_inputs())
+        chunked, _ = SequenceScorer(model, chunk_size=64)(**batch.scorer_inputs())
+    assert_close(chunked, full, atol=1e-5, rtol=0)
+
+
+def test_one_lora_dpo_step_on_the_default_model_and_data(tmp_path):
+    cfg = load_config(CONFIGS / "dpo.yaml", [f"output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=2",
+                                           "data.max_train_pairs=2", "data.eval=null", "train.progress=false"])
+    run = OfflineRun(cfg)
+    trainable, total = run.param.parameter_counts()
+    assert 0 < trainable < 0.1 * total
+    result = run.run()
+    record = (tmp_path / "metrics.jsonl").read_text()
+    assert result.steps == 1 and '"loss": 0.693147' in record  # the first step starts at ln 2
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
