@@ -113,7 +113,7 @@ class Component:
     params: Any  # a frozen dataclass instance
 
     def to_dict(self) -> dict:
-        return {self.key: self.name, **dataclasses.asdict(self.params)}
+        return {self.key: self.name, **_to_plain(self.params)}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_scheduler
@@ -87,6 +88,23 @@ def eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys and scalar values: what trackers accept as hyperparameters."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    out.update(_flat(item, f"{prefix}{key}.{i}."))
+                else:
+                    out[f"{prefix}{key}.{i}"] = item
+        else:
+            out[f"{prefix}{key}"] = "null" if value is None else value
+    return out
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -101,6 +119,9 @@ class OfflineRun:
         self.run_dir = Path(config.output_dir)
         self.resume_from = _resume_path(config, self.run_dir)  # config errors before any work
         tc = config.train
+        # accelerate keeps one AcceleratorState per process; several runs in a process (tests, schedules
+        # that chain runs) may differ in precision. The process-group state (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
                                        log_with=list(tc.report_to) or None, project_dir=str(self.run_dir))
         set_seed(config.seed)
@@ -239,7 +260,7 @@ class OfflineRun:
             self.eval_record["before"] = self.evaluate(policy_is_reference=self.param.starts_at_reference)
         writer = MetricsWriter(self.run_dir / "metrics.jsonl", self.state["step"]) if main else None
         if tc.report_to:
-            self.accelerator.init_trackers("preflab", config=self.config.to_dict())
+            self.accelerator.init_trackers("preflab", config=_flat(self.config.to_dict()))
         self.scorer.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
                    desc="train", unit="step")
