@@ -71,6 +71,9 @@ def load_pairs(source: str, split: str, pair_tokenizer: PairTokenizer, on_error:
     report.tokenizer_counts = {k: v - before.get(k, 0) for k, v in pair_tokenizer.counts.items()}
     if report.skipped:
         log.warning("%s; first: %s", report.summary(), report.examples[0])
+    elif report.tokenizer_counts.get("boundary_mismatch"):
+        log.warning("%s: the prompt tokenized alone is not a prefix of prompt + response; the response was taken "
+                    "from the joint tokenization", report.summary())
     if not pairs:
         raise DataError(f"{report.source}: no usable pairs ({report.summary()})")
     return pairs, report

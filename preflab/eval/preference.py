@@ -32,13 +32,18 @@ class SequenceLogps:
 @torch.no_grad()
 def score_pairs(scorer: SequenceScorer, pairs: list[TokenizedPair], batch_size: int, pad_id: int,
                 device: torch.device | str = "cpu") -> SequenceLogps:
+    # batches of similar lengths waste less compute on padding; results go back to the input order
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
+                                                                                   len(pairs[i].rejected_ids)))
     parts: list[tuple[Tensor, ...]] = []
     for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start:start + batch_size], pad_id).to(device)
+        batch = collate_pairs([pairs[i] for i in order[start:start + batch_size]], pad_id).to(device)
         logps, counts = scorer(**batch.scorer_inputs())
         b = batch.num_pairs
         parts.append((logps[:b], logps[b:], counts[:b], counts[b:]))
-    return SequenceLogps(*(torch.cat([p[i] for p in parts]).float().cpu() for i in range(4)))
+    inverse = torch.empty(len(pairs), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(pairs))
+    return SequenceLogps(*(torch.cat([p[i] for p in parts]).float().cpu()[inverse] for i in range(4)))
 
 
 def preference_metrics(objective: Objective, policy: SequenceLogps, reference: SequenceLogps) -> dict[str, float]:
