@@ -252,7 +252,8 @@ def _build(cls: type, raw: dict, path: str) -> Any:
         value = _coerce(value, hints[name], where)
         choices = fields_[name].metadata.get("choices")
         if choices and value not in choices:
-            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}" + _suggest(str(value), choices))
+            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}"
+                              + _suggest(str(value), choices))
         kwargs[name] = value
     try:
         return cls(**kwargs)

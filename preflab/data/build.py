@@ -149,7 +149,8 @@ def _stats(cfg: BuildConfig, items: list[dict], rows: list[dict]) -> dict:
 def write_data_card(out_dir: str | Path, task: str, splits: tuple[str, ...] = ("train", "eval")) -> Path:
     """``README.md`` beside the built files: how they were built and the score distributions, from the stats."""
     out = Path(out_dir)
-    stats = {s: json.loads((out / f"{s}.stats.json").read_text()) for s in splits if (out / f"{s}.stats.json").is_file()}
+    stats = {s: json.loads((out / f"{s}.stats.json").read_text())
+             for s in splits if (out / f"{s}.stats.json").is_file()}
     task_obj = get_task(task)
     reward_doc = (inspect.getmodule(type(task_obj.make_reward())).__doc__ or "").strip()
     task_doc = (inspect.getmodule(task_obj.prompts).__doc__ or "").strip()

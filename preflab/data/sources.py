@@ -53,7 +53,8 @@ def read_rows(source: str, split: str = "train") -> Iterator[RawRow]:
     if path.suffix in FILE_SUFFIXES or path.is_file():
         if not path.is_file():
             raise DataSourceError(f"data file {path} does not exist")
-        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}.get(path.suffix)
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        reader = readers.get(path.suffix)
         if reader is None:
             raise DataSourceError(f"data file {path}: unknown format {path.suffix!r}; expected one of {FILE_SUFFIXES}")
         yield from reader(path)

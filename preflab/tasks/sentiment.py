@@ -70,7 +70,8 @@ _SUBJECTS = {
         "a mechanical keyboard", "an electric toothbrush", "a standing desk", "a fitness tracker",
         "a cast-iron pan", "a rain jacket", "a pair of running shoes", "an air fryer", "a smart speaker",
         "a kids' scooter", "a camping stove", "an e-reader", "a blender", "a gaming mouse",
-        "a suitcase with spinner wheels", "a desk lamp", "a winter sleeping bag", "a pair of noise-cancelling headphones",
+        "a suitcase with spinner wheels", "a desk lamp", "a winter sleeping bag",
+        "a pair of noise-cancelling headphones",
         "a portable charger", "an office chair",
     ],
     "place": [
