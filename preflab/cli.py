@@ -2,6 +2,7 @@
 
     preflab train [CONFIG.yaml] [key.sub=value ...]   train (resumes from the run directory's last checkpoint)
     preflab export RUN_DIR OUT_DIR                    merge an adapter run into a plain Hugging Face model
+    preflab eval TARGET --task TASK [...]             gold reward, win rate, KL, length, diversity of generations
     preflab data build TASK --out DIR [...]           sample, score and pair responses for a gold-reward task
     preflab config [CONFIG.yaml] [key=value ...]      print the resolved config without running anything
 
@@ -39,6 +40,10 @@ def _print_summary(result) -> None:
                            ("pref/logp_accuracy_per_token", "likelihood preference (per token)"),
                            ("rewards/margins", "reward margin")):
             print(f"  {label:40s} {_fmt(before.get(key))} -> {_fmt(after.get(key))}")
+    if result.generation:
+        from .eval.generation import format_table
+
+        print(format_table(result.generation))
     print(f"run directory: {result.run_dir} (final model in {result.run_dir / 'final'})")
 
 
@@ -64,6 +69,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_run
 
     print(f"exported to {export_run(args.run_dir, args.out_dir, args.dtype)}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.generation import format_table
+    from .eval.target import eval_config, evaluate_target
+
+    cfg = eval_config(args.task, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                      greedy=args.greedy or None, seed=args.seed)
+    result, path = evaluate_target(args.target, cfg, reference=args.reference, out=args.out)
+    print(format_table(result))
+    if "preference" in result:
+        p = result["preference"]
+        print(f"  held-out pairs: {p['num_pairs']}, preference accuracy {p['rewards/accuracies']:.4f}, "
+              f"likelihood preference per token {p['pref/logp_accuracy_per_token']:.4f}")
+    print(f"written to {path}")
 
 
 def cmd_data_build(args: argparse.Namespace) -> None:
@@ -98,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="judge a run or model by its generations on a task's held-out prompts")
+    p.add_argument("target", help="a run directory or a model name")
+    p.add_argument("--task", required=True)
+    p.add_argument("--reference", default=None, help="reference model (default: the run's base / built-in)")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="output JSON (default: the run's eval.json)")
+    p.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("build", help="sample k responses per prompt, score them, keep best-vs-worst pairs")

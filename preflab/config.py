@@ -105,6 +105,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GenerationEvalConfig:
+    task: str | None = None  # a task name (sentiment, concision, format, capitals); null: no generation eval
+    num_prompts: int = 100  # first N held-out prompts of the task
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int = 0
+    batch_size: int = 32
+    bootstrap: int = 1000  # resamples for the 95% interval
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "max_new_tokens", "batch_size", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.task is not None:
+            from .tasks import task_names
+
+            if self.task not in task_names():
+                raise ValueError(f"task: unknown task {self.task!r}; expected one of {task_names()}")
+
+
+@dataclass(frozen=True)
 class Component:
     """A choice made by name (``key`` is ``kind`` or ``name``) and that choice's validated parameters."""
 
@@ -127,6 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # generation-based evaluation
 
     def to_dict(self) -> dict:
         return _to_plain(self)

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..models.generate import SamplingConfig, sample_responses
+from .dataset import DataError
 from ..tasks import get_task
 
 
@@ -92,6 +93,10 @@ def build_pairs(cfg: BuildConfig, out_dir: str | Path, model=None, tokenizer=Non
     samples_path = out / f"{cfg.split}.samples.jsonl"
     done = _read_done(samples_path)
     batches = [prompts[i:i + cfg.batch_prompts] for i in range(0, len(prompts), cfg.batch_prompts)]
+    for b, items in done.items():
+        if b >= len(batches) or [it["prompt"] for it in items] != batches[b]:
+            raise DataError(f"{samples_path} was built with other prompts or batch size (batch {b} differs); "
+                             "remove it or build into another directory")
     todo = [b for b in range(len(batches)) if b not in done]
     t0 = time.time()
     if todo:

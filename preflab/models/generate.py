@@ -24,16 +24,23 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+@dataclass(frozen=True)
+class Generation:
+    prompt_ids: tuple[int, ...]  # the rendered prompt, without padding
+    response_ids: tuple[int, ...]  # generated tokens up to and including the first EOS
+    text: str  # the response decoded without special tokens, stripped
+
+
 @torch.no_grad()
-def sample_responses(
+def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str | list[dict]],
     num_samples: int,
     sampling: SamplingConfig,
     seed: int,
-) -> list[list[str]]:
-    """``num_samples`` responses per prompt, decoded without special tokens; deterministic for a seed.
+) -> list[list[Generation]]:
+    """``num_samples`` generations per prompt; deterministic for a seed (same seed, same model: same text).
 
     All prompts go in one ``generate`` call (left padding), so callers choose the batch size.
     """
@@ -48,19 +55,43 @@ def sample_responses(
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        **enc,
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=sampling.do_sample,
-        temperature=sampling.temperature if sampling.do_sample else None,
-        top_p=sampling.top_p if sampling.do_sample else None,
-        top_k=None,
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model.train(was_training)
-    new = out[:, enc["input_ids"].shape[1]:]
-    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-    decoded = [d.strip() for d in decoded]
-    return [decoded[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    try:
+        out = model.generate(
+            **enc,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature if sampling.do_sample else None,
+            top_p=sampling.top_p if sampling.do_sample else None,
+            top_k=None,
+            num_return_sequences=num_samples,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    finally:
+        model.train(was_training)
+    width = enc["input_ids"].shape[1]
+    results: list[list[Generation]] = []
+    for i in range(len(prompts)):
+        mask = enc["attention_mask"][i].bool()
+        prompt_ids = tuple(enc["input_ids"][i][mask].tolist())
+        group = []
+        for row in out[i * num_samples:(i + 1) * num_samples]:
+            response = row[width:].tolist()
+            if tokenizer.eos_token_id in response:
+                response = response[: response.index(tokenizer.eos_token_id) + 1]
+            text = tokenizer.decode(response, skip_special_tokens=True).strip()
+            group.append(Generation(prompt_ids, tuple(response), text))
+        results.append(group)
+    return results
+
+
+def sample_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str | list[dict]],
+    num_samples: int,
+    sampling: SamplingConfig,
+    seed: int,
+) -> list[list[str]]:
+    """The texts of :func:`generate`: ``num_samples`` responses per prompt."""
+    return [[g.text for g in group] for group in generate(model, tokenizer, prompts, num_samples, sampling, seed)]

@@ -25,8 +25,13 @@ def register_task(task: Task) -> None:
     _TASKS[task.name] = task
 
 
+def task_names() -> list[str]:
+    get_task("sentiment")  # imports (registers) the built-in tasks
+    return sorted(_TASKS)
+
+
 def get_task(name: str) -> Task:
-    from . import sentiment  # noqa: F401  (registers)
+    from . import capitals, concision, format, sentiment  # noqa: F401  (each registers)
 
     if name not in _TASKS:
         raise KeyError(f"task: unknown name {name!r}; known: {sorted(_TASKS)}")

@@ -30,6 +30,7 @@ from ..config import Config, ConfigError, dump_config
 from ..data.collate import collate_pairs
 from ..data.dataset import load_pairs
 from ..data.tokenize import PairTokenizer
+from ..eval.generation import GenerationEvaluator
 from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
 from ..losses import Objective, PairLogps, build_objective
 from ..models.loader import load_model, load_tokenizer
@@ -52,6 +53,7 @@ class RunResult:
     seconds: float
     before: dict | None
     after: dict | None
+    generation: dict | None = None
 
 
 def _resume_path(config: Config, run_dir: Path) -> Path | None:
@@ -240,6 +242,7 @@ class OfflineRun:
             self.eval_record = json.loads(eval_path.read_text())
             self.eval_record["history"] = [h for h in self.eval_record["history"] if h["step"] <= self.state["step"]]
             self.eval_record["after"] = None
+            self.eval_record.pop("generation", None)
 
     # -- the run ------------------------------------------------------------------------------------------
 
@@ -284,8 +287,13 @@ class OfflineRun:
                 self.save()
         bar.close()
         self.eval_record["after"] = self.evaluate()
-        if self.eval_record["after"]:
+        if self.eval_record["after"]:  # (a finished run resumed evaluates its last step again: keep one entry)
+            self.eval_record["history"] = [h for h in self.eval_record["history"] if h["step"] != self.state["step"]]
             self.eval_record["history"].append({"step": self.state["step"], **self.eval_record["after"]})
+        if self.config.eval.task and main:
+            evaluator = GenerationEvaluator(self.tokenizer, self.config.eval)
+            result = evaluator.evaluate(self.param.model, self.param.reference)
+            self.eval_record["generation"] = {self.config.eval.task: result}
         self.save()
         if main:
             self.param.save_final(self.run_dir / "final")
@@ -293,7 +301,7 @@ class OfflineRun:
         if tc.report_to:
             self.accelerator.end_training()
         return RunResult(self.run_dir, self.state["step"], self.state["seconds"], self.eval_record["before"],
-                         self.eval_record["after"])
+                         self.eval_record["after"], self.eval_record.get("generation", {}).get(self.config.eval.task))
 
 
 def train(config: Config) -> RunResult:

@@ -30,8 +30,9 @@ def tiny(tokenizer):
 
 
 def _cfg(**kw):
-    return BuildConfig(task="test_task", k=3, min_gap=1.0, batch_prompts=2, seed=5,
-                       sampling=SamplingConfig(max_new_tokens=6), **kw)
+    settings = dict(task="test_task", k=3, min_gap=1.0, batch_prompts=2, seed=5,
+                    sampling=SamplingConfig(max_new_tokens=6))
+    return BuildConfig(**{**settings, **kw})
 
 
 def test_pairs_are_well_formed_and_ranked(tmp_path, tiny, tokenizer):
@@ -55,6 +56,14 @@ def test_interrupted_build_resumes_to_the_same_result(tmp_path, tiny, tokenizer)
     assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
     batches = [json.loads(line)["batch"] for line in samples.read_text().splitlines()]
     assert batches == [0, 1, 2, 3]  # the torn fragment was cut, nothing done twice
+
+
+def test_resuming_with_other_prompts_is_refused(tmp_path, tiny, tokenizer):
+    from preflab.data.dataset import DataError
+
+    build_pairs(_cfg(num_prompts=4), tmp_path, model=tiny, tokenizer=tokenizer, progress=False)
+    with pytest.raises(DataError, match="built with other prompts"):
+        build_pairs(_cfg(batch_prompts=3), tmp_path, model=tiny, tokenizer=tokenizer, progress=False)
 
 
 def test_ties_never_make_a_pair():

@@ -38,6 +38,14 @@ def test_sixteen_pairs_are_learned(tiny_model_dir, data16, tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["after"]["rewards/accuracies"] == 1.0
 
+    # the same command again finds the finished run: no step is redone, nothing is recorded twice
+    again = train(_config(tiny_model_dir, data16, tmp_path / "run", "parametrization.kind=full",
+                          "train.max_steps=20", "train.lr=3e-3"))
+    assert again.steps == 20 and again.after == result.after
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 20
+    history = json.loads((tmp_path / "run" / "eval.json").read_text())["history"]
+    assert [h["step"] for h in history] == [20]
+
 
 def _final_trainable(run_dir):
     return load_file(sorted((run_dir / "checkpoints").iterdir())[-1] / "trainable.safetensors")
