@@ -128,6 +128,29 @@ class GenerationEvalConfig:
 
 
 @dataclass(frozen=True)
+class DiagConfig:
+    """3D-properties diagnostics on fixed sets (see preflab.eval.diagnostics); sized for a GPU by default."""
+
+    enabled: bool = True
+    probe_every: int | None = None  # steps between probes; null: every logging step
+    seen_pairs: int = 128  # fixed, seeded subset of training pairs
+    probe_kind: str = field(default="reference_samples",
+                            metadata={"choices": ("reference_samples", "cross_prompt", "none")})
+    probe_prompts: int = 64  # held-out prompts the reference samples probe responses for
+    probe_samples: int = 2
+    probe_max_new_tokens: int = 256
+    probe_temperature: float = 1.0
+    window: int = 3  # probes the P1/P2 flags look back over
+
+    def __post_init__(self) -> None:
+        for name in ("seen_pairs", "probe_prompts", "probe_samples", "probe_max_new_tokens", "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.probe_every is not None and self.probe_every < 1:
+            raise ValueError(f"probe_every: must be >= 1 or null, got {self.probe_every}")
+
+
+@dataclass(frozen=True)
 class Component:
     """A choice made by name (``key`` is ``kind`` or ``name``) and that choice's validated parameters."""
 
@@ -151,6 +174,7 @@ class Config:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # generation-based evaluation
+    diag: DiagConfig = field(default_factory=DiagConfig)  # 3D-properties diagnostics
 
     def to_dict(self) -> dict:
         return _to_plain(self)

@@ -24,6 +24,19 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: list, device) -> dict[str, torch.Tensor]:
+    special = tokenizer.chat_template is None
+    ids = [list(p) if isinstance(p, tuple) else tokenizer(render_prompt(tokenizer, p), add_special_tokens=special)[
+        "input_ids"] for p in prompts]
+    width = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, width - len(seq):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
 @dataclass(frozen=True)
 class Generation:
     prompt_ids: tuple[int, ...]  # the rendered prompt, without padding
@@ -31,44 +44,45 @@ class Generation:
     text: str  # the response decoded without special tokens, stripped
 
 
+def _sample(model, tokenizer, enc: dict, num_samples: int, sampling: SamplingConfig) -> torch.Tensor:
+    return model.generate(
+        **enc,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        temperature=sampling.temperature if sampling.do_sample else None,
+        top_p=sampling.top_p if sampling.do_sample else None,
+        top_k=None,
+        num_return_sequences=num_samples,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str | list[dict]],
+    prompts: list[str | list[dict] | tuple[int, ...]],
     num_samples: int,
     sampling: SamplingConfig,
     seed: int,
 ) -> list[list[Generation]]:
     """``num_samples`` generations per prompt; deterministic for a seed (same seed, same model: same text).
 
-    All prompts go in one ``generate`` call (left padding), so callers choose the batch size.
+    A prompt is a user message (string), a message list, or already-rendered token ids (a tuple). All
+    prompts go in one ``generate`` call (left padding), so callers choose the batch size.
     """
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=tokenizer.chat_template is None)
-    finally:
-        tokenizer.padding_side = side
-    enc = enc.to(model.device)
-    torch.manual_seed(seed)
+    enc = _left_padded(tokenizer, prompts, model.device)
     was_training = model.training
     model.eval()
-    try:
-        out = model.generate(
-            **enc,
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=sampling.do_sample,
-            temperature=sampling.temperature if sampling.do_sample else None,
-            top_p=sampling.top_p if sampling.do_sample else None,
-            top_k=None,
-            num_return_sequences=num_samples,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    finally:
-        model.train(was_training)
+    # seeded locally: sampling here must not move the global RNG that training (dropout) draws from
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        try:
+            out = _sample(model, tokenizer, enc, num_samples, sampling)
+        finally:
+            model.train(was_training)
     width = enc["input_ids"].shape[1]
     results: list[list[Generation]] = []
     for i in range(len(prompts)):

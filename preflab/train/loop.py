@@ -30,6 +30,7 @@ from ..config import Config, ConfigError, dump_config
 from ..data.collate import collate_pairs
 from ..data.dataset import load_pairs
 from ..data.tokenize import PairTokenizer
+from ..eval.diagnostics import ThreeDProbe
 from ..eval.generation import GenerationEvaluator
 from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
 from ..losses import Objective, PairLogps, build_objective
@@ -154,6 +155,11 @@ class OfflineRun:
         self.state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0}
         self.eval_record: dict = {"before": None, "history": [], "after": None}
         self._eval_reference: SequenceLogps | None = None
+        self.probe = None
+        if config.diag.enabled and config.diag.probe_kind != "none" and not self.objective.reference_free:
+            heldout = list(dict.fromkeys(p.prompt_ids for p in self.eval_pairs))  # unique, in order
+            self.probe = ThreeDProbe(config.diag, self.train_pairs, heldout, config.seed, self.pad_id,
+                                     tc.eval_batch_size)
 
     # -- pieces of a step ---------------------------------------------------------------------------------
 
@@ -223,6 +229,13 @@ class OfflineRun:
                 policy = score_pairs(self.scorer, self.eval_pairs, bs, self.pad_id, device)
         return preference_metrics(self.objective, policy, self._eval_reference)
 
+    def measure_probe(self, log_grad_ratio: float | None) -> dict:
+        t0 = time.perf_counter()
+        with eval_mode(self.scorer), self.accelerator.autocast():
+            out = self.probe.measure(self.scorer, self.accelerator.device, log_grad_ratio)
+        out["3d/probe_seconds"] = time.perf_counter() - t0
+        return out
+
     def save(self) -> None:
         if self.accelerator.is_main_process:
             save_checkpoint(self.run_dir, self.state["step"], self.param.trainable_state_dict(), self.optimizer,
@@ -264,6 +277,15 @@ class OfflineRun:
         writer = MetricsWriter(self.run_dir / "metrics.jsonl", self.state["step"]) if main else None
         if tc.report_to:
             self.accelerator.init_trackers("preflab", config=_flat(self.config.to_dict()))
+        if self.probe is not None:
+            t0 = time.perf_counter()
+            self.probe.prepare(self.param.reference, self.tokenizer, self.accelerator.device,
+                               self.config.scorer.chunk_size, cache=self.run_dir / "probe.jsonl" if main else None)
+            self.probe.history = self.state.setdefault("diag_history", [])
+            if not self.probe.history:  # the starting point of every curve (zero when the policy is the reference)
+                self.measure_probe(None)
+            log.info("3D diagnostics: %d seen pairs, %d probe responses (%.1f s to prepare)",
+                     len(self.probe.seen_rows) // 2, len(self.probe.probe_rows), time.perf_counter() - t0)
         self.scorer.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
                    desc="train", unit="step")
@@ -273,6 +295,9 @@ class OfflineRun:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}",
                             acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            probe_every = self.config.diag.probe_every or tc.logging_steps
+            if self.probe is not None and (step % probe_every == 0 or step == self.total_steps):
+                record.update(self.measure_probe(record.get("3d/log_grad_ratio")))
             if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
                 evaluation = self.evaluate()
                 if evaluation:

@@ -29,8 +29,11 @@ def pair_metrics(logps: PairLogps, out: LossOutput) -> dict[str, Tensor]:
         m["rewards/chosen"] = out.chosen_rewards
         m["rewards/rejected"] = out.rejected_rewards
         m["rewards/margins"] = out.chosen_rewards - out.rejected_rewards
+    # log(|∂ℓ/∂π⁻| / |∂ℓ/∂π⁺|) for sigmoid DPO (3D-properties): sequence sums, never exponentiated
+    m["3d/log_grad_ratio"] = (logps.policy_chosen - logps.policy_rejected).detach()
     if logps.ref_chosen is not None:
         rho_c, rho_r = logps.policy_chosen - logps.ref_chosen, logps.policy_rejected - logps.ref_rejected
+        m["3d/chosen_down_frac"] = (rho_c < 0).float().detach()
         m["3d/logratio_chosen"] = rho_c.detach()
         m["3d/logratio_rejected"] = rho_r.detach()
         m["3d/logratio_chosen_per_token"] = (rho_c / logps.chosen_tokens).detach()
