@@ -4,6 +4,8 @@
     preflab export RUN_DIR OUT_DIR                    merge an adapter run into a plain Hugging Face model
     preflab eval TARGET --task TASK [...]             gold reward, win rate, KL, length, diversity of generations
     preflab data build TASK --out DIR [...]           sample, score and pair responses for a gold-reward task
+    preflab toy [--scenarios ...] [--out DIR]         the 3D-properties toy model: curves as JSON and PNG
+    preflab report RUN_DIR [...] [--out FILE]         a self-contained HTML page comparing runs
     preflab config [CONFIG.yaml] [key=value ...]      print the resolved config without running anything
 
 User errors (config, data, missing files, non-finite loss) end with one clear line and exit code 2.
@@ -86,6 +88,43 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"written to {path}")
 
 
+def cmd_toy(args: argparse.Namespace) -> None:
+    import json
+
+    from .config import ConfigError
+    from pathlib import Path
+
+    from .toy import SCENARIOS, VARIANTS, plot_study, run_study
+
+    scenarios = list(SCENARIOS) if args.scenarios == ["all"] else args.scenarios
+    for name in scenarios:
+        if name not in SCENARIOS:
+            raise ConfigError(f"toy: unknown scenario {name!r}; expected one of {sorted(SCENARIOS)} or all")
+    variants = VARIANTS if args.variants == ["all"] else {v: VARIANTS[v] for v in args.variants if v in VARIANTS}
+    if len(variants) != (len(VARIANTS) if args.variants == ["all"] else len(args.variants)):
+        raise ConfigError(f"toy: unknown variant in {args.variants}; expected some of {sorted(VARIANTS)} or all")
+    study = run_study(scenarios, variants, seed=args.seed, epochs=args.epochs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "toy.json").write_text(json.dumps(study) + "\n")
+    plot_study(study, out / "toy.png")
+    print(f"{'scenario':24s} {'variant':8s} {'chosen start/peak/final':>26s} {'rejected final':>15s} "
+          f"{'unseen min/final':>17s} {'log10 grad gap':>15s}")
+    for scenario, results in study.items():
+        for name, result in results.items():
+            s = result["summary"]
+            print(f"{scenario:24s} {name:8s} {s['chosen_start']:8.3f} {s['chosen_peak']:8.3f} {s['chosen_final']:8.3f} "
+                  f"{s['rejected_final_max']:15.1e} {s['unseen_mass_min']:8.3f} {s['unseen_mass_final']:8.3f} "
+                  f"{s['log10_grad_gap_final']:15.1f}")
+    print(f"curves: {out / 'toy.json'}, plot: {out / 'toy.png'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"report: {write_report(args.run_dirs, args.out)}")
+
+
 def cmd_data_build(args: argparse.Namespace) -> None:
     import json
 
@@ -129,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="output JSON (default: the run's eval.json)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("toy", help="the 3D-properties toy model: DPO and regularizers on 4 prompts x 10 responses")
+    p.add_argument("--out", default="runs/toy")
+    p.add_argument("--scenarios", nargs="+", default=["both_on", "both_off"],
+                   help="SFT starts (on-policy both_on, off-policy both_off, ...), or all")
+    p.add_argument("--variants", nargs="+", default=["all"], help="dpo, flex, sft_dpo, dpop, or all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2000)
+    p.set_defaults(func=cmd_toy)
+
+    p = sub.add_parser("report", help="one HTML page with the curves of one or several runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="report.html")
+    p.set_defaults(func=cmd_report)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("build", help="sample k responses per prompt, score them, keep best-vs-worst pairs")
