@@ -90,10 +90,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_toy(args: argparse.Namespace) -> None:
     import json
-
-    from .config import ConfigError
     from pathlib import Path
 
+    from .config import ConfigError
     from .toy import SCENARIOS, VARIANTS, plot_study, run_study
 
     scenarios = list(SCENARIOS) if args.scenarios == ["all"] else args.scenarios

@@ -49,8 +49,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 def write_jsonl(path, rows) -> str:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+        f.writelines((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
     return str(path)
 
 

@@ -1,8 +1,8 @@
 """The command line: user errors end in one clear line and exit code 2, never a traceback."""
 
 import pytest
-
 from conftest import write_jsonl
+
 from preflab.cli import main
 
 

@@ -6,8 +6,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import sentiment_rows, write_jsonl
+
 from preflab.cli import main
 from preflab.config import load_config
 from preflab.train.loop import train

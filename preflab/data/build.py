@@ -21,8 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..models.generate import SamplingConfig, sample_responses
-from .dataset import DataError
 from ..tasks import get_task
+from .dataset import DataError
 
 
 @dataclass(frozen=True)

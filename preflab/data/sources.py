@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 BUILTIN_ROOT = Path(__file__).resolve().parent.parent / "datasets"
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

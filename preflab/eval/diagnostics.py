@@ -19,32 +19,18 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import DiagConfig
-from ..data.collate import collate_sequences
 from ..data.tokenize import TokenizedPair
 from ..models.generate import SamplingConfig, generate
 from ..models.scorer import SequenceScorer
-
-Rows = list[tuple[tuple[int, ...], tuple[int, ...]]]  # (prompt_ids, response_ids)
-
-
-@torch.no_grad()
-def score_rows(scorer: nn.Module, rows: Rows, pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, ...]:
-    """Summed response log-probs and token counts of ``rows``, each ``(N,)`` on the CPU."""
-    logps, counts = [], []
-    for start in range(0, len(rows), batch_size):
-        batch = collate_sequences(rows[start:start + batch_size], pad_id).to(device)
-        lp, n = scorer(**batch.scorer_inputs())
-        logps.append(lp.double().cpu())
-        counts.append(n.double().cpu())
-    return torch.cat(logps), torch.cat(counts)
+from .scoring import Rows, score_sequences
 
 
 class ThreeDProbe:
@@ -96,7 +82,7 @@ class ThreeDProbe:
                 ref.train(was_training)
 
     def _score(self, scorer: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return score_rows(scorer, self.seen_rows + self.probe_rows, self.pad_id, self.batch_size, device)
+        return score_sequences(scorer, self.seen_rows + self.probe_rows, self.pad_id, self.batch_size, device)
 
     def measure(self, policy_scorer: nn.Module, device, log_grad_ratio: float | None = None) -> dict[str, float]:
         """The ``3d/`` metrics of the policy now; appends to the history the flags read."""

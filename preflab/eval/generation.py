@@ -15,18 +15,17 @@ the same seeds (so a policy equal to the reference produces the very same text).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Callable
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..config import GenerationEvalConfig
-from ..data.collate import collate_sequences
 from ..models.generate import Generation, SamplingConfig, generate
 from ..models.scorer import SequenceScorer
 from ..tasks import get_task
+from .scoring import score_sequences
 
 
 def _sampling(cfg: GenerationEvalConfig) -> SamplingConfig:
@@ -57,15 +56,9 @@ def _sample_all(model: nn.Module, tokenizer, prompts: list[str], cfg: Generation
     return out
 
 
-@torch.no_grad()
 def _sequence_logps(model: nn.Module, gens: list[Generation], pad_id: int, batch_size: int) -> np.ndarray:
-    scorer = SequenceScorer(model)
-    device = next(model.parameters()).device
-    parts = []
-    for start in range(0, len(gens), batch_size):
-        batch = collate_sequences([(g.prompt_ids, g.response_ids) for g in gens[start:start + batch_size]], pad_id)
-        parts.append(scorer(**batch.to(device).scorer_inputs())[0].double().cpu())
-    return torch.cat(parts).numpy()
+    rows = [(g.prompt_ids, g.response_ids) for g in gens]
+    return score_sequences(SequenceScorer(model), rows, pad_id, batch_size, next(model.parameters()).device)[0].numpy()
 
 
 def _text_stats(gens: list[Generation], prefix: str) -> dict[str, float]:

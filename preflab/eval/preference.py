@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data.collate import collate_pairs
 from ..data.tokenize import TokenizedPair
 from ..losses import Objective, PairLogps
 from ..models.scorer import SequenceScorer
 from ..train.metrics import MetricAccumulator, pair_metrics
+from .scoring import score_sequences
 
 
 @dataclass(frozen=True)
@@ -29,21 +29,13 @@ class SequenceLogps:
     rejected_tokens: Tensor
 
 
-@torch.no_grad()
 def score_pairs(scorer: SequenceScorer, pairs: list[TokenizedPair], batch_size: int, pad_id: int,
                 device: torch.device | str = "cpu") -> SequenceLogps:
-    # batches of similar lengths waste less compute on padding; results go back to the input order
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
-                                                                                   len(pairs[i].rejected_ids)))
-    parts: list[tuple[Tensor, ...]] = []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs([pairs[i] for i in order[start:start + batch_size]], pad_id).to(device)
-        logps, counts = scorer(**batch.scorer_inputs())
-        b = batch.num_pairs
-        parts.append((logps[:b], logps[b:], counts[:b], counts[b:]))
-    inverse = torch.empty(len(pairs), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(pairs))
-    return SequenceLogps(*(torch.cat([p[i] for p in parts]).float().cpu()[inverse] for i in range(4)))
+    """Scores chosen and rejected of every pair; ``batch_size`` counts pairs (two rows each)."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    logps, counts = score_sequences(scorer, rows, pad_id, 2 * batch_size, device)
+    n = len(pairs)
+    return SequenceLogps(logps[:n].float(), logps[n:].float(), counts[:n].float(), counts[n:].float())
 
 
 def preference_metrics(objective: Objective, policy: SequenceLogps, reference: SequenceLogps) -> dict[str, float]:

@@ -6,8 +6,8 @@ tokenizers or configs. New objective = one module that calls :func:`register_los
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 from torch import Tensor
 

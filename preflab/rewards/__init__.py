@@ -7,7 +7,8 @@ are built by name with :func:`get_reward` (``sentiment``, ``concision``, ``forma
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class Reward(Protocol):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..rewards import Reward, get_reward
 
@@ -16,6 +16,13 @@ class Task:
 
     def make_reward(self) -> Reward:
         return get_reward(self.reward)
+
+
+def split_items(items: list, split: str) -> list:
+    """The ``split`` share of ``items``: every 8th item (1/8) is held out for ``eval``, the rest is ``train``."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+    return [item for i, item in enumerate(items) if (i % 8 == 7) == (split == "eval")]
 
 
 _TASKS: dict[str, Task] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 
-from . import Task, register_task
+from . import Task, register_task, split_items
 from .capitals_table import CAPITALS
 
 _TEMPLATES = [
@@ -27,9 +27,7 @@ _TEMPLATES = [
 
 
 def capitals_prompts(split: str, seed: int = 0) -> list[str]:
-    if split not in ("train", "eval"):
-        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
-    countries = [c for i, c in enumerate(sorted(CAPITALS)) if (i % 8 == 7) == (split == "eval")]
+    countries = split_items(sorted(CAPITALS), split)
     prompts = [t.format(c=c) for c in countries for t in _TEMPLATES]
     random.Random(f"capitals-{split}-{seed}").shuffle(prompts)
     return prompts

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from . import Task, register_task
+from . import Task, register_task, split_items
 
 _TEMPLATES = [
     "Write a short review of {s}.",
@@ -103,14 +103,12 @@ _SUBJECTS = {
 def _split_subjects(split: str) -> list[str]:
     out = []
     for subjects in _SUBJECTS.values():
-        out += [s for i, s in enumerate(subjects) if (i % 8 == 7) == (split == "eval")]
+        out += split_items(subjects, split)
     return out
 
 
 def sentiment_prompts(split: str, seed: int = 0) -> list[str]:
     """All prompts of a split (``train`` or ``eval``), in a seeded order; the splits share no subject."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
     prompts = [t.format(s=s) for s in _split_subjects(split) for t in _TEMPLATES]
     random.Random(f"sentiment-{split}-{seed}").shuffle(prompts)
     return prompts

@@ -5,6 +5,8 @@ Every 8th topic is held out for eval, so eval prompts never name a training topi
 
 from __future__ import annotations
 
+from . import split_items
+
 TOPICS = [
     "how a bicycle works", "why the sky is blue", "how to make tea", "the water cycle", "how bees make honey",
     "why we sleep", "how a refrigerator keeps food cold", "the rules of chess", "how to plant a tree",
@@ -41,6 +43,4 @@ TOPICS = [
 
 
 def split_topics(split: str) -> list[str]:
-    if split not in ("train", "eval"):
-        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
-    return [t for i, t in enumerate(TOPICS) if (i % 8 == 7) == (split == "eval")]
+    return split_items(TOPICS, split)

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import make_tiny_model
+
 from preflab.data.build import BuildConfig, build_pairs, write_data_card
 from preflab.models.generate import SamplingConfig
 from preflab.rewards import register_reward

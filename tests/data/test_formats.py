@@ -4,7 +4,7 @@ import pytest
 
 from preflab.data.formats import RowError, normalize_row
 
-MSG = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+MSG = lambda role, text: [{"role": role, "content": text}]
 
 
 def test_standard_row():

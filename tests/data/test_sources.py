@@ -4,8 +4,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import sentiment_rows, write_jsonl
+
 from preflab.data.dataset import DataError, load_pairs
 from preflab.data.sources import DataSourceError, read_rows
 from preflab.data.tokenize import PairTokenizer

@@ -6,7 +6,7 @@ from preflab.data.collate import collate_pairs
 from preflab.data.formats import normalize_row
 from preflab.data.tokenize import PairTokenizer
 
-MSG = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+MSG = lambda role, text: [{"role": role, "content": text}]
 
 
 def test_conversational_response_ends_with_the_templates_eos(tokenizer):

@@ -4,8 +4,8 @@ import json
 from contextlib import contextmanager
 
 import pytest
-
 from conftest import make_tiny_model, sentiment_rows, write_jsonl
+
 from preflab.config import DiagConfig, load_config
 from preflab.data.formats import normalize_row
 from preflab.data.tokenize import PairTokenizer

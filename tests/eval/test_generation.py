@@ -4,8 +4,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-
 from conftest import make_tiny_model
+
 from preflab.config import GenerationEvalConfig
 from preflab.eval.generation import GenerationEvaluator, bootstrap_interval, distinct_n, win_rate
 

@@ -3,6 +3,7 @@
 import json
 
 from conftest import sentiment_rows, write_jsonl
+
 from preflab.cli import main
 from preflab.config import load_config
 from preflab.train.loop import train

@@ -37,7 +37,7 @@ EXPECTED = {
 
 def logps(fixture: str) -> PairLogps:
     c, r = FIXTURES[fixture]
-    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    t = lambda v: torch.tensor([v], dtype=torch.float64)
     return PairLogps(t(c), t(r), t(-11.0), t(-11.0), t(5.0), t(5.0))
 
 

@@ -12,7 +12,7 @@ NAMES = sorted(loss_registry())
 
 def _random_logps(seed=0, n=8):
     gen = torch.Generator().manual_seed(seed)
-    draw = lambda: (-torch.rand(n, generator=gen, dtype=torch.float64) * 40).requires_grad_(True)  # noqa: E731
+    draw = lambda: (-torch.rand(n, generator=gen, dtype=torch.float64) * 40).requires_grad_(True)
     return PairLogps(draw(), draw(), -torch.rand(n, dtype=torch.float64) * 40,
                      -torch.rand(n, dtype=torch.float64) * 40, torch.full((n,), 6.0, dtype=torch.float64),
                      torch.full((n,), 9.0, dtype=torch.float64))

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_tiny_model, sentiment_rows
 from torch.testing import assert_close
 
-from conftest import make_tiny_model, sentiment_rows
 from preflab.data.collate import collate_pairs
 from preflab.data.formats import normalize_row
 from preflab.data.tokenize import PairTokenizer, TokenizedPair

@@ -1,9 +1,9 @@
 """A sequence-classification model as a reward (``rm:PATH``), on a tiny random one built in code."""
 
 import torch
+from conftest import tiny_config
 from transformers import LlamaForSequenceClassification
 
-from conftest import tiny_config
 from preflab.rewards import get_reward
 
 

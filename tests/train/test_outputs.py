@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import sentiment_rows, write_jsonl
 from torch.testing import assert_close
 
-from conftest import sentiment_rows, write_jsonl
 from preflab.config import load_config
 from preflab.export import export_run
 from preflab.train.loop import train

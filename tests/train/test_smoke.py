@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import sentiment_rows, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import sentiment_rows, write_jsonl
 from preflab.config import load_config
 from preflab.losses import loss_registry
 from preflab.train.loop import OfflineRun
