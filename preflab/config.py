@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from .optim.merging import MergingOptions
+
 
 class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the key."""
@@ -141,9 +143,15 @@ class DiagConfig:
     probe_max_new_tokens: int = 256
     probe_temperature: float = 1.0
     window: int = 3  # probes the P1/P2 flags look back over
+    # hyperspherical energy of the effective weights (preflab.eval.energy), any parametrization
+    he_every: int | None = None  # steps between measurements; null: with every 3D probe; 0: off
+    he_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    he_chunk: int = 1024  # rows per block of the pairwise distances
 
     def __post_init__(self) -> None:
-        for name in ("seen_pairs", "probe_prompts", "probe_samples", "probe_max_new_tokens", "window"):
+        if self.he_every is not None and self.he_every < 0:
+            raise ValueError(f"he_every: must be >= 0 or null, got {self.he_every}")
+        for name in ("seen_pairs", "he_chunk", "probe_prompts", "probe_samples", "probe_max_new_tokens", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.probe_every is not None and self.probe_every < 1:
@@ -163,6 +171,24 @@ class Component:
 
 
 @dataclass(frozen=True)
+class OptimConfig(MergingOptions):
+    """The optimizer: AdamW (from ``train.lr``, ``train.adam_betas``, ``train.weight_decay``) or an online merging
+    AdamW (preflab.optim.merging) with the merging options inherited from ``MergingOptions``."""
+
+    name: str = field(default="adamw", metadata={"choices": ("adamw", "ondare_adamw", "onties_adamw")})
+    base_model: str | None = None  # θ_base of the task vector τ = θ_SFT − θ_base (any model the loader accepts)
+    sft_model: str | None = None  # θ_SFT; null: model.name (the SFT model is the starting policy and reference)
+    # full_only: merge on every trainable tensor with a matching τ, adapter tensors get plain AdamW (the paper's
+    # setting is full fine-tuning; the spec's adapter_space/project modes are not implemented)
+    adapter_mode: str = field(default="full_only", metadata={"choices": ("full_only",)})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name != "adamw" and not self.base_model:
+            raise ValueError(f"base_model: {self.name} needs the base model of the task vector (optim.base_model)")
+
+
+@dataclass(frozen=True)
 class Config:
     output_dir: str = "runs/dpo"
     seed: int = 0
@@ -175,6 +201,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # generation-based evaluation
     diag: DiagConfig = field(default_factory=DiagConfig)  # 3D-properties diagnostics
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -413,4 +440,19 @@ def _to_plain(obj: Any) -> Any:
 
 
 def dump_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees, as ``key: old -> new``."""
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b, path = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out

@@ -26,6 +26,8 @@ PANELS = [  # (title, [(metric, style)], y scale)
     ("3D: seen pairs ρ (chosen —, rejected --)", [("3d/seen_chosen", "-"), ("3d/seen_rejected", "--")], "linear"),
     ("3D: dispersion probe ρ (unseen responses)", [("3d/probe_logratio", "-")], "linear"),
     ("3D: log gradient ratio log|∂ℓ/∂π⁻|/|∂ℓ/∂π⁺|", [("3d/log_grad_ratio", "-")], "linear"),
+    ("hyperspherical energy drift |HE−HE₀|/HE₀ (mean —, max --)", [("he/drift_mean", "-"), ("he/drift_max", "--")],
+     "log"),
 ]
 
 

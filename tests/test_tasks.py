@@ -4,8 +4,10 @@ import pytest
 
 from preflab.tasks import get_task, split_items, task_names
 
+BUILT_IN = ["capitals", "concision", "format", "sentiment"]
 
-@pytest.mark.parametrize("name", task_names())
+
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_prompts_are_seeded_and_splits_are_disjoint(name):
     task = get_task(name)
     train, held_out = task.prompts("train", 0), task.prompts("eval", 0)
@@ -15,6 +17,10 @@ def test_prompts_are_seeded_and_splits_are_disjoint(name):
     with pytest.raises(ValueError, match="split"):
         task.prompts("test", 0)
     assert task.make_reward()(held_out[:2], ["A fine answer.", "another"]) is not None
+
+
+def test_every_built_in_task_is_registered():
+    assert set(BUILT_IN) <= set(task_names())
 
 
 def test_split_items_holds_out_every_eighth_item():

@@ -8,8 +8,8 @@ module that calls :func:`register_parametrization`.
 
 from __future__ import annotations
 
+from . import full, lora, ropo  # noqa: F401  (each module registers its kinds)
 from .base import Parametrization, ParametrizationSpec, parametrization_registry, register_parametrization
-from . import full, lora  # noqa: E402,F401  (each module registers its kinds)
 
 __all__ = ["Parametrization", "ParametrizationSpec", "build_parametrization", "parametrization_registry",
            "register_parametrization"]

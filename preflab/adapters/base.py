@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ class Parametrization(ABC):
 
     model: nn.Module
     starts_at_reference: bool = True  # the untrained policy computes the reference's function
+    count_convention: str = "stored trainable tensor elements"  # what the printed trainable count counts
 
     def place(self, device: torch.device) -> None:
         """Move everything the parametrization owns (policy and any reference copy) to a device."""

@@ -9,6 +9,7 @@ the held-out set are computed once. Checkpoints make the run resumable exactly (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
@@ -26,16 +28,18 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from ..adapters import Parametrization, build_parametrization
-from ..config import Config, ConfigError, dump_config
+from ..config import Config, ConfigError, config_changes, dump_config
 from ..data.collate import collate_pairs
 from ..data.dataset import load_pairs
 from ..data.tokenize import PairTokenizer
 from ..eval.diagnostics import ThreeDProbe
+from ..eval.energy import EnergyMonitor
 from ..eval.generation import GenerationEvaluator
 from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
 from ..losses import Objective, PairLogps, build_objective
 from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
+from ..optim.merging import MergingOptions, OnDAREAdamW, OnTIESAdamW, task_vectors_by_name
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .metrics import MetricAccumulator, MetricsWriter, pair_metrics
 from .order import BatchOrder
@@ -77,7 +81,32 @@ def _optimizer(param: Parametrization, config: Config) -> torch.optim.Optimizer:
     decay = [p for p in trainable if p.ndim >= 2]  # no weight decay on biases and norms
     rest = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.train.lr, betas=config.train.adam_betas)
+    groups = [g for g in groups if g["params"]]
+    oc = config.optim
+    if oc.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.train.lr, betas=config.train.adam_betas)
+    cls = OnDAREAdamW if oc.name == "ondare_adamw" else OnTIESAdamW
+    options = MergingOptions(**{f.name: getattr(oc, f.name) for f in dataclasses.fields(MergingOptions)})
+    try:
+        taus = _task_vectors(param, oc.base_model, oc.sft_model or config.model.name)
+        optimizer = cls(groups, taus, lr=config.train.lr, betas=config.train.adam_betas, options=options)
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from None
+    log.info("optimizer %s: task vectors for %d of %d trainable tensors, %.1f MB held in the optimizer state "
+             "(p=%g, alpha=%g)", oc.name, len(taus), len(trainable), optimizer.task_vector_bytes() / 2**20,
+             oc.reserve_p, oc.alpha)
+    return optimizer
+
+
+def _task_vectors(param: Parametrization, base_name: str, sft_name: str) -> dict:
+    """τ = θ_SFT − θ_base for the policy's trainable tensors; both models are freed before training starts."""
+    base = load_model(base_name).state_dict()
+    sft = load_model(sft_name).state_dict()
+    taus = task_vectors_by_name(param.model.named_parameters(), base, sft)
+    if not taus:
+        raise ValueError(f"no trainable tensor of the policy matches a tensor of {sft_name}: adapter_mode full_only "
+                         "merges full weights only (the paper's setting); use parametrization.kind=full")
+    return taus
 
 
 @contextmanager
@@ -160,6 +189,8 @@ class OfflineRun:
             heldout = list(dict.fromkeys(p.prompt_ids for p in self.eval_pairs))  # unique, in order
             self.probe = ThreeDProbe(config.diag, self.train_pairs, heldout, config.seed, self.pad_id,
                                      tc.eval_batch_size)
+        self.energy = EnergyMonitor(config.diag.he_modules, config.diag.he_chunk) \
+            if config.diag.enabled and config.diag.he_every != 0 else None
 
     # -- pieces of a step ---------------------------------------------------------------------------------
 
@@ -257,18 +288,31 @@ class OfflineRun:
             self.eval_record["after"] = None
             self.eval_record.pop("generation", None)
 
+    def _record_config(self) -> None:
+        """Writes config.yaml; a resumed run whose config changed keeps the old file and names the changes."""
+        path = self.run_dir / "config.yaml"
+        if self.resume_from is not None and path.is_file():
+            changed = [c for c in config_changes(yaml.safe_load(path.read_text()) or {}, self.config.to_dict())
+                       if not c.startswith(("resume:", "train.progress:"))]
+            if changed:
+                keep = self.run_dir / f"config.before-{self.resume_from.name}.yaml"
+                path.replace(keep)
+                log.warning("resuming with a changed config (the old one is kept as %s): %s", keep.name,
+                            "; ".join(changed))
+        dump_config(self.config, path)
+
     # -- the run ------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
         tc, main = self.config.train, self.accelerator.is_main_process
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.config, self.run_dir / "config.yaml")
+            self._record_config()
         for line in self.reports:
             log.info("data: %s", line)
         trainable, total = self.param.parameter_counts()
-        log.info("parametrization %s: %s trainable of %s parameters (%.4f%%)", self.config.parametrization.name,
-                 f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        log.info("parametrization %s: %s trainable of %s parameters (%.4f%%; %s)", self.config.parametrization.name,
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / total, self.param.count_convention)
         if self.resume_from is not None:
             self.restore(self.resume_from)
             log.info("resumed from %s at step %d", self.resume_from, self.state["step"])
@@ -286,6 +330,8 @@ class OfflineRun:
                 self.measure_probe(None)
             log.info("3D diagnostics: %d seen pairs, %d probe responses (%.1f s to prepare)",
                      len(self.probe.seen_rows) // 2, len(self.probe.probe_rows), time.perf_counter() - t0)
+        if self.energy is not None:
+            self.energy.prepare(self.param.reference)
         self.scorer.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
                    desc="train", unit="step")
@@ -298,6 +344,9 @@ class OfflineRun:
             probe_every = self.config.diag.probe_every or tc.logging_steps
             if self.probe is not None and (step % probe_every == 0 or step == self.total_steps):
                 record.update(self.measure_probe(record.get("3d/log_grad_ratio")))
+            he_every = self.config.diag.he_every or probe_every
+            if self.energy is not None and (step % he_every == 0 or step == self.total_steps):
+                record.update(self.energy.measure(self.param.model))
             if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
                 evaluation = self.evaluate()
                 if evaluation:

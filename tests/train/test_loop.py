@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import sentiment_rows, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import sentiment_rows, write_jsonl
 from preflab.config import ConfigError, load_config
 from preflab.train.loop import OfflineRun, TrainingError, train
 
@@ -51,7 +51,7 @@ def _final_trainable(run_dir):
     return load_file(sorted((run_dir / "checkpoints").iterdir())[-1] / "trainable.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "full", "ropo"])
 def test_interrupted_run_resumes_to_identical_weights(tiny_model_dir, data16, tmp_path, monkeypatch, kind):
     extra = [f"parametrization.kind={kind}", "train.max_steps=6", "train.save_steps=2", "train.batch_size=3",
              "train.grad_accum=2", "train.lr=1e-3", "train.lr_scheduler=cosine", "train.warmup_ratio=0.2"]
@@ -85,6 +85,17 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tiny_model_dir, data1
     train(_config(tiny_model_dir, data16, tmp_path / "r", "train.max_steps=1"))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(_config(tiny_model_dir, data16, tmp_path / "r", "train.max_steps=1", "resume=never"))
+
+
+def test_resume_with_a_changed_config_keeps_the_old_one_and_names_the_change(tiny_model_dir, data16, tmp_path,
+                                                                             caplog):
+    train(_config(tiny_model_dir, data16, tmp_path / "r", "train.max_steps=1"))
+    with caplog.at_level("WARNING", logger="preflab.train.loop"):
+        train(_config(tiny_model_dir, data16, tmp_path / "r", "train.max_steps=2"))
+    assert "train.max_steps: 1 -> 2" in caplog.text
+    kept = list((tmp_path / "r").glob("config.before-*.yaml"))
+    assert len(kept) == 1 and "max_steps: 1" in kept[0].read_text()
+    assert "max_steps: 2" in (tmp_path / "r" / "config.yaml").read_text()
 
 
 def test_non_finite_loss_stops_naming_the_step_and_rows(tiny_model_dir, data16, tmp_path, monkeypatch):

@@ -1,0 +1,56 @@
+"""Online merging in preflab's loop: SFT stage → DPO with OnDARE/OnTIES against that SFT model, resumed exactly."""
+
+import pytest
+import torch
+from conftest import sentiment_rows, write_jsonl
+from safetensors.torch import load_file
+
+from preflab.config import ConfigError, load_config
+from preflab.train.loop import OfflineRun, train
+
+
+def _cfg(model, data, out, *extra):
+    return load_config(None, [f"model.name={model}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
+                              "train.progress=false", "train.warmup_ratio=0", "parametrization.kind=full",
+                              "diag.enabled=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merging")
+    data = write_jsonl(root / "d.jsonl", sentiment_rows(8))
+    train(_cfg(tiny_model_dir, data, root / "sft", "loss.name=sft", "train.max_steps=3", "train.lr=1e-3"))
+    return root / "sft", data
+
+
+@pytest.mark.parametrize("name", ["ondare_adamw", "onties_adamw"])
+def test_dpo_from_the_sft_model_resumes_exactly(sft_run, tiny_model_dir, tmp_path, monkeypatch, name, caplog):
+    sft_dir, data = sft_run
+    extra = [f"optim.name={name}", f"optim.base_model={tiny_model_dir}", "optim.reserve_p=0.3", "optim.alpha=0.01",
+             "train.max_steps=4", "train.save_steps=2", "train.lr=1e-3"]
+    with caplog.at_level("INFO", logger="preflab.train.loop"):
+        train(_cfg(sft_dir, data, tmp_path / "straight", *extra))
+    assert "task vectors for" in caplog.text and "MB held in the optimizer state" in caplog.text
+
+    original = OfflineRun.optimizer_step
+
+    def killed_after_step_3(self):
+        if self.state["step"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(OfflineRun, "optimizer_step", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(sft_dir, data, tmp_path / "resumed", *extra))
+    monkeypatch.setattr(OfflineRun, "optimizer_step", original)
+    train(_cfg(sft_dir, data, tmp_path / "resumed", *extra))
+    a, b = (load_file(max((tmp_path / run / "checkpoints").iterdir()) / "trainable.safetensors")
+            for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_has_no_tensor_to_merge(sft_run, tiny_model_dir, tmp_path):
+    sft_dir, data = sft_run
+    with pytest.raises(ConfigError, match="adapter_mode full_only"):
+        train(_cfg(sft_dir, data, tmp_path / "r", "parametrization.kind=lora", "optim.name=ondare_adamw",
+                   f"optim.base_model={tiny_model_dir}", "train.max_steps=1"))
