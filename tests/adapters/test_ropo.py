@@ -190,7 +190,7 @@ def test_training_keeps_rotations_orthogonal_and_energy_fixed_while_lora_moves_i
         r = _rotation(layer)
         assert (r.T @ r - torch.eye(r.shape[0])).abs().max() <= 1e-5
     ropo, lora = _records(trained["ropo"]), _records(trained["lora"])
-    assert len(ropo) == 10 and all(r["he/drift_max"] <= 1e-5 for r in ropo)
+    assert len(ropo) == 10 and all(r["he/drift_max"] <= 1e-10 for r in ropo)  # fp64 read-off: exact
     assert lora[-1]["he/drift_max"] > 10 * max(r["he/drift_max"] for r in ropo)
     assert lora[-1]["he/drift_max"] > 1e-5
 
