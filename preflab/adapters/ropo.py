@@ -94,6 +94,7 @@ class RopoLinear(nn.Module):
     def __init__(self, base: nn.Linear, params: RopoParams):
         super().__init__()
         self.base, self.config, self.enabled = base, params, True
+        self._cache: tuple | None = None
         width, out = base.in_features, base.out_features
         for b, s in params.factors:
             if width % (b * s):
@@ -111,8 +112,15 @@ class RopoLinear(nn.Module):
             self.magnitude = nn.Parameter(start.to(base.weight.device))
 
     def rotation_deltas(self) -> list[Tensor]:
+        """``R_f − I`` per factor. Without autograd (generation, evaluation) they are cached until a parameter
+        changes: decoding calls every layer once per token, and the batched solves would dominate."""
+        key = tuple((p._version, p.data_ptr()) for p in self.rotation)
+        if not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         terms = self.config.neumann_terms if self.config.cayley == "neumann" else None
-        return [cayley_minus_identity(p, b, terms) for p, (b, _) in zip(self.rotation, self.config.factors)]
+        deltas = [cayley_minus_identity(p, b, terms) for p, (b, _) in zip(self.rotation, self.config.factors)]
+        self._cache = None if torch.is_grad_enabled() else (key, deltas)
+        return deltas
 
     def scale_minus_one(self) -> Tensor | None:
         """``m/r − 1`` per output neuron, exactly zero at the start."""
