@@ -65,3 +65,20 @@ def sentiment_rows(n: int, offset: int = 0) -> list[dict]:
                      "chosen": [{"role": "assistant", "content": good[i % 4]}],
                      "rejected": [{"role": "assistant", "content": bad[(i // 4) % 4]}]})
     return rows
+
+
+def train_until_killed(config, step: int, monkeypatch) -> None:
+    """Runs ``train(config)`` and kills it (KeyboardInterrupt) once it has finished ``step`` optimizer steps."""
+    from preflab.train.loop import OfflineRun, train
+
+    original = OfflineRun.optimizer_step
+
+    def killed(self):
+        if self.state["step"] == step:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(OfflineRun, "optimizer_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(OfflineRun, "optimizer_step", original)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import sentiment_rows, write_jsonl
+from conftest import sentiment_rows, train_until_killed, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import ConfigError, load_config
-from preflab.train.loop import OfflineRun, train
+from preflab.train.loop import train
 
 
 def _cfg(model, data, out, *extra):
@@ -32,17 +32,7 @@ def test_dpo_from_the_sft_model_resumes_exactly(sft_run, tiny_model_dir, tmp_pat
         train(_cfg(sft_dir, data, tmp_path / "straight", *extra))
     assert "task vectors for" in caplog.text and "MB held in the optimizer state" in caplog.text
 
-    original = OfflineRun.optimizer_step
-
-    def killed_after_step_3(self):
-        if self.state["step"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self)
-
-    monkeypatch.setattr(OfflineRun, "optimizer_step", killed_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(sft_dir, data, tmp_path / "resumed", *extra))
-    monkeypatch.setattr(OfflineRun, "optimizer_step", original)
+    train_until_killed(_cfg(sft_dir, data, tmp_path / "resumed", *extra), 3, monkeypatch)
     train(_cfg(sft_dir, data, tmp_path / "resumed", *extra))
     a, b = (load_file(max((tmp_path / run / "checkpoints").iterdir()) / "trainable.safetensors")
             for run in ("straight", "resumed"))

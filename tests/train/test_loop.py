@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import sentiment_rows, write_jsonl
+from conftest import sentiment_rows, train_until_killed, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import ConfigError, load_config
-from preflab.train.loop import OfflineRun, TrainingError, train
+from preflab.train.loop import TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +59,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_model_dir, data16, tm
         extra += ["parametrization.dropout=0.2", "parametrization.r=4"]
     train(_config(tiny_model_dir, data16, tmp_path / "straight", *extra))
 
-    original = OfflineRun.optimizer_step
-
-    def killed_after_step_4(self):
-        if self.state["step"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self)
-
-    monkeypatch.setattr(OfflineRun, "optimizer_step", killed_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tiny_model_dir, data16, tmp_path / "resumed", *extra))
-    monkeypatch.setattr(OfflineRun, "optimizer_step", original)
+    train_until_killed(_config(tiny_model_dir, data16, tmp_path / "resumed", *extra), 4, monkeypatch)
     assert not (tmp_path / "resumed" / "final").exists()
     result = train(_config(tiny_model_dir, data16, tmp_path / "resumed", *extra))  # resume=auto
     assert result.steps == 6
