@@ -53,6 +53,11 @@ class Parametrization(ABC):
         return trainable, total
 
     @abstractmethod
+    def merged_model(self) -> nn.Module:
+        """The policy as a plain ``transformers`` model with dense weights (no wrappers, no adapter); it may share
+        storage with the policy, so read it, do not train it."""
+
+    @abstractmethod
     def save_final(self, out_dir: Path) -> None:
         """Write the trained policy in Hugging Face format (a PEFT adapter or a full model)."""
 

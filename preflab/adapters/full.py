@@ -30,6 +30,9 @@ class FullFineTune(Parametrization):
     def reference(self):
         yield self.reference_model
 
+    def merged_model(self) -> nn.Module:
+        return self.model
+
     def save_final(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)
 

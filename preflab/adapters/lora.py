@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,10 @@ class PeftAdapter(Parametrization):
     def reference(self):
         with self.model.disable_adapter():
             yield self.model
+
+    def merged_model(self) -> nn.Module:
+        """A copy with ``W + ΔW`` folded in (PEFT's merge on a deep copy: the trained adapter stays as it is)."""
+        return copy.deepcopy(self.model).merge_and_unload()
 
     def save_final(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)

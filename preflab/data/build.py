@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..models.generate import SamplingConfig, sample_responses
+from ..rewards import get_reward
 from ..tasks import get_task
 from .dataset import DataError
 
@@ -30,11 +31,14 @@ class BuildConfig:
     task: str
     split: str = "train"
     model: str = "smollm2-135m-instruct"
-    num_prompts: int | None = None  # None: every prompt of the split
+    num_prompts: int | None = None  # None: every prompt of the split (from offset)
+    offset: int = 0  # first prompt of the split used (iterative schedules take disjoint slices)
     k: int = 4
     min_gap: float = 0.3
     batch_prompts: int = 16
-    seed: int = 0
+    seed: int = 0  # orders the task's prompts and, unless sample_seed is set, seeds the sampling
+    sample_seed: int | None = None
+    reward: str | None = None  # a reward name or rm:PATH; None: the task's gold reward
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -88,8 +92,12 @@ def build_pairs(cfg: BuildConfig, out_dir: str | Path, model=None, tokenizer=Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(cfg.task)
-    prompts = task.prompts(cfg.split, cfg.seed)[: cfg.num_prompts]
-    reward = task.make_reward()
+    end = None if cfg.num_prompts is None else cfg.offset + cfg.num_prompts
+    prompts = task.prompts(cfg.split, cfg.seed)[cfg.offset:end]
+    if not prompts:
+        raise DataError(f"task {cfg.task!r} split {cfg.split!r} has no prompts from offset {cfg.offset}")
+    sample_seed = cfg.seed if cfg.sample_seed is None else cfg.sample_seed
+    reward = task.make_reward() if cfg.reward is None else get_reward(cfg.reward)
     samples_path = out / f"{cfg.split}.samples.jsonl"
     done = _read_done(samples_path)
     batches = [prompts[i:i + cfg.batch_prompts] for i in range(0, len(prompts), cfg.batch_prompts)]
@@ -105,12 +113,13 @@ def build_pairs(cfg: BuildConfig, out_dir: str | Path, model=None, tokenizer=Non
         with samples_path.open("a", encoding="utf-8") as f:
             for b in tqdm(todo, desc=f"build {cfg.task}/{cfg.split}", disable=not progress, unit="batch"):
                 responses = sample_responses(
-                    model, tokenizer, batches[b], cfg.k, cfg.sampling, seed=cfg.seed * 1_000_003 + b
+                    model, tokenizer, batches[b], cfg.k, cfg.sampling, seed=sample_seed * 1_000_003 + b
                 )
                 items = []
                 for j, (p, rs) in enumerate(zip(batches[b], responses)):
                     scores = reward([p] * len(rs), rs)
-                    items.append({"index": b * cfg.batch_prompts + j, "prompt": p, "responses": rs, "scores": scores})
+                    items.append({"index": cfg.offset + b * cfg.batch_prompts + j, "prompt": p, "responses": rs,
+                                  "scores": scores})
                 f.write(json.dumps({"batch": b, "items": items}, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -195,4 +204,5 @@ def _rebuild_command(task: str, out: Path, cfg: dict) -> str:
              f"--top-p {sampling['top_p']}", f"--batch-prompts {cfg['batch_prompts']}"]
     if cfg["num_prompts"] is not None:
         parts.insert(1, f"--num-prompts {cfg['num_prompts']}")
+
     return " ".join(parts)

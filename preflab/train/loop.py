@@ -143,6 +143,20 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def record_config(config: Config, run_dir: Path, resumed_at: str | None) -> None:
+    """Writes config.yaml; a resumed run whose config changed keeps the old file (``config.before-<resumed_at>.yaml``)
+    and logs the changes."""
+    path = run_dir / "config.yaml"
+    if resumed_at is not None and path.is_file():
+        changed = [c for c in config_changes(yaml.safe_load(path.read_text()) or {}, config.to_dict())
+                   if not c.startswith(("resume:", "train.progress:"))]
+        if changed:
+            keep = run_dir / f"config.before-{resumed_at}.yaml"
+            path.replace(keep)
+            log.warning("resuming with a changed config (the old one is kept as %s): %s", keep.name, "; ".join(changed))
+    dump_config(config, path)
+
+
 class OfflineRun:
     """Everything one offline run holds; :meth:`run` trains it to the end (or resumes it)."""
 
@@ -288,26 +302,13 @@ class OfflineRun:
             self.eval_record["after"] = None
             self.eval_record.pop("generation", None)
 
-    def _record_config(self) -> None:
-        """Writes config.yaml; a resumed run whose config changed keeps the old file and names the changes."""
-        path = self.run_dir / "config.yaml"
-        if self.resume_from is not None and path.is_file():
-            changed = [c for c in config_changes(yaml.safe_load(path.read_text()) or {}, self.config.to_dict())
-                       if not c.startswith(("resume:", "train.progress:"))]
-            if changed:
-                keep = self.run_dir / f"config.before-{self.resume_from.name}.yaml"
-                path.replace(keep)
-                log.warning("resuming with a changed config (the old one is kept as %s): %s", keep.name,
-                            "; ".join(changed))
-        dump_config(self.config, path)
-
     # -- the run ------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
         tc, main = self.config.train, self.accelerator.is_main_process
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._record_config()
+            record_config(self.config, self.run_dir, None if self.resume_from is None else self.resume_from.name)
         for line in self.reports:
             log.info("data: %s", line)
         trainable, total = self.param.parameter_counts()
@@ -379,4 +380,9 @@ class OfflineRun:
 
 
 def train(config: Config) -> RunResult:
+    """Runs ``config`` under its schedule: ``offline`` (this module) or ``apo`` (preflab.train.apo)."""
+    if config.schedule == "apo":
+        from .apo import ApoRun
+
+        return ApoRun(config).run()
     return OfflineRun(config).run()

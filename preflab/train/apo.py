@@ -1,0 +1,252 @@
+"""APO: iterative preference optimization with Nesterov extrapolation (He et al., arXiv 2410.06293).
+
+``schedule: apo`` (spec: methods/apo.md). For t = 0..T (``apo.iterations`` = T+1), in ``<output_dir>/iter-<t+1>/``:
+
+1. ``pairs/``: ``apo.k`` samples per prompt of the iteration's prompt slice from π_{θ_t}, scored by the reward;
+   the best and the worst of each prompt make a pair (ties dropped). Resumable batch by batch.
+2. ``train/``: an offline run of the configured objective, parametrization and optimizer that starts from
+   θ_t and references θ_t (β from ``apo.beta``); optimizer and LR schedule start afresh. Resumable by checkpoint.
+   ``policy/`` = θ̂_{t+1}, the trained policy with dense weights (plain ``transformers``).
+3. ``extrapolated/`` = θ_{t+1} = θ̂_{t+1} + α·(θ̂_{t+1} − θ̂_t), computed in fp32 on every weight. The anchor is the
+   previous DPO output θ̂_t (θ̂_0 = the starting model), not θ_t. Iteration t+1 samples from, starts at and
+   references θ_{t+1}. Nothing is extrapolated after the last iteration (``apo.return_extrapolated``), and with
+   α = 0 nothing is computed at all: the next iteration starts from ``policy/`` (plain iterative DPO).
+4. ``eval.json``: generation eval of θ̂_{t+1} against the starting model θ_0 (``eval.task``); ``done.json`` last.
+
+An interrupted run skips every iteration that has ``done.json`` and resumes the unfinished one where it stopped.
+Adapters (LoRA, RoPO) are extrapolated on their merged weights W_0 + ΔW, never on their factors (the product is
+bilinear in them); each iteration trains a fresh adapter on the dense θ_t — the spec's ``merged`` realisation.
+``metrics.jsonl`` holds one ``apo/`` record per iteration; ``final/`` is the returned model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import Config, ConfigError
+from ..data.build import BuildConfig, build_pairs
+from ..eval.generation import GenerationEvaluator
+from ..eval.preference import score_pairs
+from ..models.generate import SamplingConfig
+from ..models.loader import load_model, load_tokenizer
+from ..models.scorer import SequenceScorer
+from ..tasks import get_task
+from .loop import OfflineRun, RunResult, TrainingError, eval_mode, record_config
+
+log = logging.getLogger(__name__)
+
+
+def dense_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Every floating-point tensor of a plain model's state dict, as an fp32 CPU copy."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()
+            if v.is_floating_point()}
+
+
+def extrapolate(new: dict[str, Tensor], prev: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """θ = new + α·(new − prev) = (1+α)·new − α·prev per tensor, in fp32 at least; α = 0 returns ``new`` itself."""
+    if alpha == 0:
+        return new
+    missing = [k for k in new if k not in prev]
+    if missing:
+        raise ValueError(f"extrapolation anchor lacks tensors {missing[:3]}: the two models differ in architecture")
+    out = {}
+    for k, v in new.items():
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        out[k] = v.to(dtype) + alpha * (v.to(dtype) - prev[k].to(dtype))
+    return out
+
+
+def _save_model_atomically(model: torch.nn.Module, tokenizer, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class ApoRun:
+    """One APO run; :meth:`run` does (or finishes) every iteration."""
+
+    def __init__(self, config: Config):
+        self.config, self.ac = config, config.apo
+        self.run_dir = Path(config.output_dir)
+        ac = self.ac
+        available = len(get_task(ac.task).prompts("train", config.seed))
+        needed = ac.prompts_per_iteration * (ac.iterations if ac.prompt_schedule == "disjoint" else 1)
+        if needed > available:
+            raise ConfigError(f"apo.prompts_per_iteration: {ac.iterations} disjoint slices of "
+                              f"{ac.prompts_per_iteration} prompts need {needed}, task {ac.task!r} has {available} "
+                              "training prompts; lower it or use apo.prompt_schedule=reuse")
+        self.tokenizer = load_tokenizer(config.model.name)
+        self.evaluator = GenerationEvaluator(self.tokenizer, config.eval) if config.eval.task else None
+        self._base = None  # θ_0, loaded when first needed (generation-eval reference, first anchor)
+
+    # -- paths --------------------------------------------------------------------------------------------
+
+    def iteration_dir(self, t: int) -> Path:
+        return self.run_dir / f"iter-{t + 1}"
+
+    def start_model(self, t: int) -> str:
+        """Where θ_t lives: the configured model for t = 0, else the previous iteration's output."""
+        if t == 0:
+            return self.config.model.name
+        prev = self.iteration_dir(t - 1)
+        return str(prev / ("extrapolated" if self.ac.alpha > 0 else "policy"))
+
+    def base(self) -> torch.nn.Module:
+        if self._base is None:
+            self._base = load_model(self.config.model.name, self.config.model.dtype,
+                                    self.config.model.attn_implementation).eval().requires_grad_(False)
+        return self._base
+
+    # -- one iteration ------------------------------------------------------------------------------------
+
+    def inner_config(self, t: int, pairs: Path) -> Config:
+        c, ac = self.config, self.ac
+        beta = ac.beta_at(t)
+        loss = tuple(dataclasses.replace(term, params=dataclasses.replace(term.params, beta=beta))
+                     if beta is not None and hasattr(term.params, "beta") else term for term in c.loss)
+        return dataclasses.replace(
+            c, schedule="offline", resume="auto", output_dir=str(self.iteration_dir(t) / "train"), loss=loss,
+            model=dataclasses.replace(c.model, name=self.start_model(t)),
+            data=dataclasses.replace(c.data, train=str(pairs)),
+            train=dataclasses.replace(c.train, epochs=ac.epochs_per_iteration),
+            eval=dataclasses.replace(c.eval, task=None))  # the driver evaluates against θ_0, not θ_t
+
+    def sample_pairs(self, t: int) -> dict:
+        c, ac = self.config, self.ac
+        offset = t * ac.prompts_per_iteration if ac.prompt_schedule == "disjoint" else 0
+        cfg = BuildConfig(task=ac.task, split="train", model=self.start_model(t), num_prompts=ac.prompts_per_iteration,
+                          offset=offset, k=ac.k, min_gap=ac.min_score_gap, batch_prompts=ac.batch_prompts,
+                          seed=c.seed, sample_seed=c.seed * 1000 + t, reward=ac.reward,
+                          sampling=SamplingConfig(ac.max_new_tokens, ac.temperature, ac.top_p))
+        stats = build_pairs(cfg, self.iteration_dir(t) / "pairs", tokenizer=self.tokenizer,
+                            progress=c.train.progress)
+        if stats["pairs"] == 0:
+            raise TrainingError(f"apo iteration {t + 1}: no pair from {stats['prompts']} prompts (every prompt's "
+                                f"best and worst of k={ac.k} samples tied); raise apo.k or apo.temperature")
+        return stats
+
+    def kl_to_prev(self, run: OfflineRun) -> float:
+        """KL(π_t ‖ π̂_{t+1}) estimated on the iteration's pair responses (samples of π_t: its best and worst)."""
+        bs, pad, device = self.config.train.eval_batch_size, run.pad_id, run.accelerator.device
+        with torch.no_grad(), eval_mode(run.param.model):
+            policy = score_pairs(SequenceScorer(run.param.model), run.train_pairs, bs, pad, device)
+            with run.param.reference() as ref, eval_mode(ref):
+                ref_logps = score_pairs(SequenceScorer(ref), run.train_pairs, bs, pad, device)
+        diffs = torch.cat([ref_logps.chosen - policy.chosen, ref_logps.rejected - policy.rejected])
+        return diffs.mean().item()
+
+    def generation_eval(self, policy: torch.nn.Module) -> dict | None:
+        if self.evaluator is None:
+            return None
+        with eval_mode(policy):
+            return self.evaluator.evaluate(policy, lambda: nullcontext(self.base()))
+
+    def iteration(self, t: int, steps_before: int) -> dict:
+        ac, out = self.ac, self.iteration_dir(t)
+        out.mkdir(parents=True, exist_ok=True)
+        last = t == ac.iterations - 1
+        log.info("apo iteration %d/%d from %s", t + 1, ac.iterations, self.start_model(t))
+
+        t0 = time.perf_counter()
+        stats = self.sample_pairs(t)
+        t_gen = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        run = OfflineRun(self.inner_config(t, out / "pairs" / "train.jsonl"))
+        result = run.run()
+        t_train = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        kl_prev = self.kl_to_prev(run)
+        merged = run.param.merged_model()
+        hat = dense_state(merged)
+        _save_model_atomically(merged, self.tokenizer, out / "policy")
+        evaluation = self.generation_eval(run.param.model)
+        t_eval = time.perf_counter() - t0
+
+        extrap_norm, evaluation_x = 0.0, None
+        if ac.alpha > 0 and (not last or ac.return_extrapolated):
+            anchor = self.base() if t == 0 else load_model(str(self.iteration_dir(t - 1) / "policy"))  # θ̂_t
+            prev = dense_state(anchor)
+            theta = extrapolate(hat, prev, ac.alpha)
+            extrap_norm = torch.sqrt(sum(((theta[k] - hat[k]) ** 2).sum() for k in hat)).item()
+            del prev, anchor
+            merged.load_state_dict(theta, strict=False)  # merged is read-only from here on: θ̂ is saved above
+            _save_model_atomically(merged, self.tokenizer, out / "extrapolated")
+            if ac.eval_extrapolated:
+                evaluation_x = self.generation_eval(merged)
+
+        steps = steps_before + result.steps
+        record = {"step": steps, "apo/iteration": t + 1, "apo/alpha": ac.alpha,
+                  "apo/beta": getattr(run.objective.terms[0][1], "beta", None),
+                  "apo/pairs_kept": stats["pairs"], "apo/prompts": stats["prompts"],
+                  "apo/score_mean": stats["score_all_samples"]["mean"],
+                  "apo/score_best": stats["score_chosen"]["mean"], "apo/score_worst": stats["score_rejected"]["mean"],
+                  "apo/score_gap": stats["score_gap"]["mean"], "apo/extrap_norm": extrap_norm,
+                  "apo/kl_to_prev": kl_prev, "apo/train_steps": result.steps,
+                  "time/generation_seconds": round(t_gen, 2), "time/training_seconds": round(t_train, 2),
+                  "time/eval_seconds": round(t_eval, 2)}
+        if result.after:
+            record.update({f"eval/{k}": v for k, v in result.after.items()})
+        for tag, ev in (("gold", evaluation), ("gold_extrapolated", evaluation_x)):
+            if ev is not None:
+                record.update({f"{tag}/{k.split('/', 1)[1]}": v for k, v in ev.items() if k.startswith("gold/")})
+        if evaluation is not None:
+            _write_json(out / "eval.json", {"policy": evaluation, "extrapolated": evaluation_x})
+        _write_json(out / "done.json", record)
+        log.info("apo iteration %d: %d pairs, sample score %.4f, %s", t + 1, stats["pairs"],
+                 record["apo/score_mean"], f"gold reward {record['gold/reward']:.4f}" if evaluation else "")
+        del run, merged, hat
+        gc.collect()
+        return record
+
+    # -- the run ------------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        done = [t for t in range(self.ac.iterations) if (self.iteration_dir(t) / "done.json").is_file()]
+        record_config(self.config, self.run_dir, f"iter-{len(done) + 1}" if done else None)
+        records: list[dict] = []
+        for t in range(self.ac.iterations):
+            marker = self.iteration_dir(t) / "done.json"
+            if marker.is_file():
+                records.append(json.loads(marker.read_text()))
+                log.info("apo iteration %d already done: skipped", t + 1)
+                continue
+            records.append(self.iteration(t, records[-1]["step"] if records else 0))
+        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        last = self.iteration_dir(self.ac.iterations - 1)
+        returned = last / ("extrapolated" if self.ac.return_extrapolated and self.ac.alpha > 0 else "policy")
+        final = self.run_dir / "final"
+        tmp = final.with_name(".final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(returned, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        first_eval = json.loads((self.iteration_dir(0) / "train" / "eval.json").read_text())
+        last_eval = json.loads((last / "train" / "eval.json").read_text())
+        generation = json.loads((last / "eval.json").read_text())["policy"] if (last / "eval.json").is_file() else None
+        seconds = sum(r["time/training_seconds"] for r in records)
+        return RunResult(self.run_dir, records[-1]["step"], seconds, first_eval.get("before"), last_eval.get("after"),
+                         generation)

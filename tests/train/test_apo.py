@@ -1,0 +1,106 @@
+"""The APO schedule end to end on a tiny model: α = 0 is iterative DPO, the extrapolated model is the spec's
+combination of dense weights (adapters merged), and an interrupted run skips finished iterations."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preflab.config import ConfigError, load_config
+from preflab.models.loader import load_model
+from preflab.train.loop import OfflineRun, train
+
+
+def _cfg(model, out, *extra):
+    return load_config(None, [
+        "schedule=apo", f"model.name={model}", f"output_dir={out}", "data.eval=null", "eval.task=null",
+        "train.progress=false", "diag.enabled=false", "parametrization.kind=full", "apo.task=concision",
+        "apo.iterations=2", "apo.prompts_per_iteration=8", "apo.k=4", "apo.max_new_tokens=12", "apo.batch_prompts=8",
+        "train.batch_size=4", "train.max_steps=2", "train.lr=1e-2", "train.warmup_ratio=0", *extra])
+
+
+def _weights(path) -> dict:
+    return {k: v for k, v in load_model(str(path)).state_dict().items()}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_alpha_zero_is_iterative_dpo(tiny_model_dir, tmp_path):
+    result = train(_cfg(tiny_model_dir, tmp_path / "apo", "apo.alpha=0"))
+    it1, it2 = tmp_path / "apo" / "iter-1", tmp_path / "apo" / "iter-2"
+    assert result.steps == 4 and not (it1 / "extrapolated").exists()
+    # iteration 2 starts from and references iteration 1's DPO output itself
+    inner = load_config(it2 / "train" / "config.yaml")
+    assert inner.model.name == str(it1 / "policy") and inner.schedule == "offline"
+    # the same offline DPO run, launched by hand on iteration 2's pairs, gives the very same model
+    by_hand = load_config(None, [f"model.name={it1 / 'policy'}", f"data.train={it2 / 'pairs' / 'train.jsonl'}",
+                                 f"output_dir={tmp_path / 'by-hand'}", "data.eval=null", "train.progress=false",
+                                 "diag.enabled=false", "parametrization.kind=full", "train.batch_size=4",
+                                 "train.max_steps=2", "train.lr=1e-2", "train.warmup_ratio=0"])
+    train(by_hand)
+    assert _equal(_weights(tmp_path / "by-hand" / "final"), _weights(it2 / "policy"))
+    assert _equal(_weights(tmp_path / "apo" / "final"), _weights(it2 / "policy"))
+    records = [json.loads(line) for line in (tmp_path / "apo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["apo/iteration"] for r in records] == [1, 2] and [r["step"] for r in records] == [2, 4]
+    assert all(r["apo/pairs_kept"] > 0 and r["apo/extrap_norm"] == 0 for r in records)
+
+
+def test_lora_extrapolates_merged_weights(tiny_model_dir, tmp_path):
+    out = tmp_path / "apo"
+    train(_cfg(tiny_model_dir, out, "apo.alpha=0.3", "parametrization.kind=lora", "parametrization.r=4",
+               "eval.task=concision", "eval.num_prompts=4", "eval.max_new_tokens=8", "apo.beta=[0.2, 0.5]"))
+    base, hat1 = _weights(tiny_model_dir), _weights(out / "iter-1" / "policy")
+    theta1 = _weights(out / "iter-1" / "extrapolated")
+    moved = [k for k in base if not torch.equal(base[k], hat1[k])]
+    assert moved and all("proj" in k for k in moved)  # LoRA moved the (merged) linear weights only
+    for k in base:
+        torch.testing.assert_close(theta1[k], 1.3 * hat1[k] - 0.3 * base[k], rtol=0, atol=1e-6)
+    assert load_config(out / "iter-2" / "train" / "config.yaml").model.name == str(out / "iter-1" / "extrapolated")
+    assert not (out / "iter-2" / "extrapolated").exists()  # nothing extrapolated after the last iteration
+    assert _equal(_weights(out / "final"), _weights(out / "iter-2" / "policy"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["apo/beta"] for r in records] == [0.2, 0.5]
+    assert records[0]["apo/extrap_norm"] > 0 and records[1]["apo/extrap_norm"] == 0
+    assert all("gold/reward" in r and "gold/win_rate" in r for r in records)
+    assert json.loads((out / "iter-2" / "eval.json").read_text())["policy"]["task"] == "concision"
+
+
+def test_interrupted_run_skips_finished_iterations(tiny_model_dir, tmp_path, monkeypatch):
+    extra = ("apo.alpha=0.3", "train.save_steps=1")
+    train(_cfg(tiny_model_dir, tmp_path / "straight", *extra))
+
+    original, inits = OfflineRun.optimizer_step, []
+
+    def killed_in_iteration_2(self):
+        if "iter-2" in str(self.run_dir) and self.state["step"] == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(OfflineRun, "optimizer_step", killed_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_model_dir, tmp_path / "resumed", *extra))
+    monkeypatch.setattr(OfflineRun, "optimizer_step", original)
+    done_before = (tmp_path / "resumed" / "iter-1" / "done.json").read_text()
+    original_init = OfflineRun.__init__
+
+    def counted_init(self, config):
+        inits.append(config.output_dir)
+        original_init(self, config)
+
+    monkeypatch.setattr(OfflineRun, "__init__", counted_init)
+    train(_cfg(tiny_model_dir, tmp_path / "resumed", *extra))
+    assert inits == [str(tmp_path / "resumed" / "iter-2" / "train")]  # iteration 1 was not redone
+    assert (tmp_path / "resumed" / "iter-1" / "done.json").read_text() == done_before
+    assert _equal(_weights(tmp_path / "straight" / "final"), _weights(tmp_path / "resumed" / "final"))
+    ckpt = max((tmp_path / "resumed" / "iter-2" / "train" / "checkpoints").iterdir())
+    straight = max((tmp_path / "straight" / "iter-2" / "train" / "checkpoints").iterdir())
+    a, b = load_file(ckpt / "trainable.safetensors"), load_file(straight / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_too_few_prompts_for_disjoint_slices_is_a_config_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="prompts_per_iteration"):
+        train(_cfg(tiny_model_dir, tmp_path / "r", "apo.prompts_per_iteration=100000"))
