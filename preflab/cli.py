@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data.dataset import DataError
     from .data.sources import DataSourceError
     from .models.loader import ModelNotFoundError
+    from .train.checkpoint import CheckpointError
     from .train.loop import TrainingError
+    from .train.safety import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not user problems
@@ -214,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (ConfigError, DataError, DataSourceError, ModelNotFoundError, TrainingError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        print(f"preflab: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, DataError, DataSourceError, ModelNotFoundError, TrainingError, CheckpointError,
+            FileNotFoundError) as e:
         print(f"preflab: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -89,9 +89,13 @@ class TrainConfig:
     save_total_limit: int | None = 2  # keep the last N checkpoints; null keeps all
     report_to: tuple[str, ...] = ()  # accelerate trackers, e.g. [tensorboard]
     progress: bool = True
+    # a non-finite loss or gradient: stop (error naming step and rows) or skip the update (counted, logged);
+    # skip gives up after max_nonfinite_skips skipped steps. A checkpoint never holds a non-finite weight.
+    on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
+    max_nonfinite_skips: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "logging_steps", "eval_batch_size"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "eval_batch_size", "max_nonfinite_skips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):

@@ -27,6 +27,10 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "state.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -47,6 +51,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
+    for stale in root.glob(".step-*.tmp-*"):  # left by a process killed mid-save; never a valid checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
@@ -60,8 +66,12 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         if final.exists():  # a re-save of the same step (e.g. the end of a finished run resumed)
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            previous = list_checkpoints(run_dir)
+            kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint"
+            raise CheckpointError(f"writing the checkpoint of step {step} in {root} failed ({e}); {kept}") from e
         raise
     if keep_last:
         for old in list_checkpoints(run_dir)[:-keep_last]:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from ..optim.merging import MergingOptions, OnDAREAdamW, OnTIESAdamW, task_vecto
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
 from .metrics import MetricAccumulator, MetricsWriter, pair_metrics
 from .order import BatchOrder
+from .safety import StopRequest, TrainingInterrupted, check_disk_space, checkpoint_bytes
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,22 @@ class OfflineRun:
         with torch.no_grad(), self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
             return SequenceScorer(ref, self.config.scorer.chunk_size)(**inputs)[0]
 
-    def micro_step(self, indices: list[int], sync: bool, scale: float) -> dict:
+    def _nonfinite(self, what: str, indices: list[int]) -> None:
+        """Stops (``train.on_nonfinite: stop``) or counts a skipped update; either way the message says where."""
+        rows = ", ".join(self.train_pairs[i].where for i in indices[:4])
+        where = f"at step {self.state['step'] + 1}, batch of {len(indices)} pairs starting with: {rows}"
+        tc = self.config.train
+        if tc.on_nonfinite == "stop":
+            raise TrainingError(f"{what} {where}; no checkpoint was written for this step "
+                                "(train.on_nonfinite=skip skips such updates)")
+        self.state["nonfinite_skips"] = self.state.get("nonfinite_skips", 0) + 1
+        log.warning("%s %s: update skipped (%d so far)", what, where, self.state["nonfinite_skips"])
+        if self.state["nonfinite_skips"] > tc.max_nonfinite_skips:
+            raise TrainingError(f"{what} {where}: more than train.max_nonfinite_skips={tc.max_nonfinite_skips} "
+                                "updates skipped; stopping (the last checkpoint holds finite weights)")
+
+    def micro_step(self, indices: list[int], sync: bool, scale: float) -> dict | None:
+        """Forward and backward of one micro-batch; None when its loss was not finite (and skipping is on)."""
         batch = collate_pairs([self.train_pairs[i] for i in indices], self.pad_id).to(self.accelerator.device)
         inputs = batch.scorer_inputs()
         ref = self.reference_logps(inputs)
@@ -226,9 +243,8 @@ class OfflineRun:
             out = self.objective(pair)
             loss = out.losses.mean()
             if not torch.isfinite(loss):
-                rows = ", ".join(self.train_pairs[i].where for i in indices[:4])
-                raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.state['step'] + 1}, batch of "
-                                    f"{b} pairs starting with: {rows}; no checkpoint was written for this step")
+                self._nonfinite(f"non-finite loss ({loss.item()})", indices)
+                return None
             self.accelerator.backward(loss * scale)
         self.state["tokens"] += batch.num_tokens
         return pair_metrics(pair, out)
@@ -237,17 +253,35 @@ class OfflineRun:
         tc = self.config.train
         acc = MetricAccumulator()
         tokens_before, t0 = self.state["tokens"], time.perf_counter()
+        seen: list[int] = []
+        skip = False
         for i in range(tc.grad_accum):
-            acc.add(self.micro_step(self.order.batch(self.state["micro"]), sync=i == tc.grad_accum - 1,
-                                    scale=1.0 / tc.grad_accum))
+            indices = self.order.batch(self.state["micro"])
             self.state["micro"] += 1
+            if skip:  # the rest of a skipped update's micro-batches are passed over too
+                continue
+            seen += indices
+            metrics = self.micro_step(indices, sync=i == tc.grad_accum - 1, scale=1.0 / tc.grad_accum)
+            skip = metrics is None
+            if metrics is not None:
+                acc.add(metrics)
         record = acc.mean()
-        if tc.max_grad_norm is not None:
+        if not skip:
             params = [p for p in self.param.model.parameters() if p.requires_grad]
-            record["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+            norm = float(self.accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf))
+            if math.isfinite(norm):
+                record["grad_norm"] = norm
+            else:
+                self._nonfinite(f"non-finite gradient (norm {norm})", seen)
+                skip = True
         record["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        if skip:
+            record["nonfinite_skipped"] = 1
+        else:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # torch warns when the very first update was the skipped one
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()  # a skipped update still counts as a step: the schedule keeps its length
         self.optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1
         seconds = time.perf_counter() - t0
@@ -281,12 +315,19 @@ class OfflineRun:
         out["3d/probe_seconds"] = time.perf_counter() - t0
         return out
 
-    def save(self) -> None:
+    def save(self) -> Path | None:
+        path = None
+        trainable = self.param.trainable_state_dict()
+        bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
+        if bad:  # never a checkpoint a resume would have to throw away
+            raise TrainingError(f"refusing to write the checkpoint of step {self.state['step']}: non-finite values in "
+                                f"{bad[:3]}{' and more' if len(bad) > 3 else ''}; the previous checkpoint is intact")
         if self.accelerator.is_main_process:
-            save_checkpoint(self.run_dir, self.state["step"], self.param.trainable_state_dict(), self.optimizer,
-                            self.scheduler, dict(self.state), self.config.train.save_total_limit)
+            path = save_checkpoint(self.run_dir, self.state["step"], trainable, self.optimizer, self.scheduler,
+                                   dict(self.state), self.config.train.save_total_limit)
             _write_json(self.run_dir / "eval.json", self.eval_record)
         self.accelerator.wait_for_everyone()
+        return path
 
     def restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
@@ -301,6 +342,38 @@ class OfflineRun:
             self.eval_record["history"] = [h for h in self.eval_record["history"] if h["step"] <= self.state["step"]]
             self.eval_record["after"] = None
             self.eval_record.pop("generation", None)
+
+    def _train_steps(self, bar: tqdm, writer: MetricsWriter | None, stop: StopRequest) -> None:
+        tc = self.config.train
+        while self.state["step"] < self.total_steps:
+            record = self.optimizer_step()
+            step = record["step"]
+            bar.update(1)
+            if "loss" in record:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}",
+                                acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            probe_every = self.config.diag.probe_every or tc.logging_steps
+            if self.probe is not None and (step % probe_every == 0 or step == self.total_steps):
+                record.update(self.measure_probe(record.get("3d/log_grad_ratio")))
+            he_every = self.config.diag.he_every or probe_every
+            if self.energy is not None and (step % he_every == 0 or step == self.total_steps):
+                record.update(self.energy.measure(self.param.model))
+            if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
+                evaluation = self.evaluate()
+                if evaluation:
+                    self.eval_record["history"].append({"step": step, **evaluation})
+                    record.update({f"eval/{k}": v for k, v in evaluation.items()})
+            if step % tc.logging_steps == 0 or step == self.total_steps:
+                if writer:
+                    writer.write(record)
+                if tc.report_to:
+                    self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            saved = None
+            if tc.save_steps and step % tc.save_steps == 0 and step < self.total_steps:
+                saved = self.save()
+            if stop.signum is not None:
+                bar.close()
+                raise TrainingInterrupted(stop.signum, step, saved or self.save())
 
     # -- the run ------------------------------------------------------------------------------------------
 
@@ -319,6 +392,8 @@ class OfflineRun:
             log.info("resumed from %s at step %d", self.resume_from, self.state["step"])
         else:
             self.eval_record["before"] = self.evaluate(policy_is_reference=self.param.starts_at_reference)
+        if main and self.state["step"] < self.total_steps:
+            check_disk_space(self.run_dir, checkpoint_bytes(self.param.trainable_state_dict(), self.optimizer))
         writer = MetricsWriter(self.run_dir / "metrics.jsonl", self.state["step"]) if main else None
         if tc.report_to:
             self.accelerator.init_trackers("preflab", config=_flat(self.config.to_dict()))
@@ -336,30 +411,8 @@ class OfflineRun:
         self.scorer.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
                    desc="train", unit="step")
-        while self.state["step"] < self.total_steps:
-            record = self.optimizer_step()
-            step = record["step"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}",
-                            acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
-            probe_every = self.config.diag.probe_every or tc.logging_steps
-            if self.probe is not None and (step % probe_every == 0 or step == self.total_steps):
-                record.update(self.measure_probe(record.get("3d/log_grad_ratio")))
-            he_every = self.config.diag.he_every or probe_every
-            if self.energy is not None and (step % he_every == 0 or step == self.total_steps):
-                record.update(self.energy.measure(self.param.model))
-            if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
-                evaluation = self.evaluate()
-                if evaluation:
-                    self.eval_record["history"].append({"step": step, **evaluation})
-                    record.update({f"eval/{k}": v for k, v in evaluation.items()})
-            if step % tc.logging_steps == 0 or step == self.total_steps:
-                if writer:
-                    writer.write(record)
-                if tc.report_to:
-                    self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            if tc.save_steps and step % tc.save_steps == 0 and step < self.total_steps:
-                self.save()
+        with StopRequest() as stop:
+            self._train_steps(bar, writer, stop)
         bar.close()
         self.eval_record["after"] = self.evaluate()
         if self.eval_record["after"]:  # (a finished run resumed evaluates its last step again: keep one entry)
