@@ -288,6 +288,8 @@ def _resolve_component(raw: Any, path: str, key: str, registry: dict[str, type])
     if key not in raw:
         raise ConfigError(f"{path}.{key}: missing; expected one of {sorted(registry)}")
     name = raw.pop(key)
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}.{key}: expected a name, one of {sorted(registry)}; got {_show(name)}")
     if name not in registry:
         raise ConfigError(f"{path}.{key}: unknown {key} {name!r}; expected one of {sorted(registry)}"
                           + _suggest(str(name), registry))

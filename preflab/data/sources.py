@@ -98,13 +98,20 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         yield _as_row(f"{path} row {number}", item)
 
 
+CSV_FIELD_LIMIT = 64 * 2**20  # characters per cell (the csv module's default, 128 KiB, is below long responses)
+
+
 def _read_csv(path: Path) -> Iterator[RawRow]:
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     try:
         with path.open(encoding="utf-8", newline="") as f:
-            for number, record in enumerate(csv.DictReader(f), start=1):
+            reader = csv.DictReader(f)
+            for number, record in enumerate(reader, start=1):
                 yield RawRow(f"{path} row {number}", {k: _maybe_messages(v) for k, v in record.items()})
     except UnicodeDecodeError as e:
         raise DataSourceError(f"data file {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DataSourceError(f"data file {path}: not readable as CSV at line {reader.line_num} ({e})") from None
 
 
 def _maybe_messages(cell: str | None):
