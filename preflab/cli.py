@@ -55,7 +55,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     path, overrides = _config_args(args.args)
     config = load_config(path, overrides)
-    _print_summary(train(config))
+    result = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:  # under DDP, the main process speaks for all
+        _print_summary(result)
 
 
 def cmd_config(args: argparse.Namespace) -> None:

@@ -89,6 +89,9 @@ class ApoRun:
     def __init__(self, config: Config):
         self.config, self.ac = config, config.apo
         self.run_dir = Path(config.output_dir)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("schedule: apo runs in one process for now (its sampling and files are not sharded); "
+                              "launch it without accelerate/torchrun")
         ac = self.ac
         available = len(get_task(ac.task).prompts("train", config.seed))
         needed = ac.prompts_per_iteration * (ac.iterations if ac.prompt_schedule == "disjoint" else 1)

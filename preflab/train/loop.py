@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -24,7 +25,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm import tqdm
 from transformers import get_scheduler
 
@@ -76,6 +77,19 @@ def _resume_path(config: Config, run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"resume: checkpoint {path} does not exist")
     return path
+
+
+def _cpu_processes() -> bool:
+    """Several processes and no GPU: accelerate then runs DDP over gloo only when told it is on the CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _check_distributed(accelerator: Accelerator) -> None:
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"accelerate: {kind.value} is not supported yet (preflab reads and writes whole weights "
+                          "for its references, checkpoints and merges); launch with a DDP config "
+                          "(configs/accelerate/ddp.yaml)")
 
 
 def _optimizer(param: Parametrization, config: Config) -> torch.optim.Optimizer:
@@ -170,8 +184,10 @@ class OfflineRun:
         # accelerate keeps one AcceleratorState per process; several runs in a process (tests, schedules
         # that chain runs) may differ in precision. The process-group state (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.accelerator = Accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
+        self.accelerator = Accelerator(cpu=_cpu_processes(), mixed_precision="bf16" if tc.precision == "bf16" else "no",
                                        log_with=list(tc.report_to) or None, project_dir=str(self.run_dir))
+        _check_distributed(self.accelerator)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(config.model.name)
         dc = config.data
@@ -187,7 +203,8 @@ class OfflineRun:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.param = build_parametrization(config.parametrization.name, config.parametrization.params, model)
         self.objective: Objective = build_objective([t.to_dict() for t in config.loss])
-        self.order = BatchOrder(len(self.train_pairs), tc.batch_size, config.seed)
+        # a global batch of batch_size pairs per process; process r takes every world-th pair of it
+        self.order = BatchOrder(len(self.train_pairs), tc.batch_size * self.world, config.seed)
         self.total_steps = tc.max_steps or math.ceil(tc.epochs * self.order.batches_per_epoch / tc.grad_accum)
         self.optimizer = _optimizer(self.param, config)
         self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer,
@@ -230,8 +247,26 @@ class OfflineRun:
             raise TrainingError(f"{what} {where}: more than train.max_nonfinite_skips={tc.max_nonfinite_skips} "
                                 "updates skipped; stopping (the last checkpoint holds finite weights)")
 
-    def micro_step(self, indices: list[int], sync: bool, scale: float) -> dict | None:
-        """Forward and backward of one micro-batch; None when its loss was not finite (and skipping is on)."""
+    def _reduce(self, record: dict, weight: float = 1.0, how: str = "mean") -> dict:
+        """Metrics of this process's share → metrics of the global batch: the ``weight``-weighted mean (weight:
+        this process's pairs) or the sum over processes."""
+        if self.world == 1 or not record:
+            return record
+        keys = sorted(record)
+        values = torch.tensor([float(record[k]) * weight for k in keys] + [weight], dtype=torch.float64,
+                              device=self.accelerator.device)
+        total = self.accelerator.reduce(values, "sum").tolist()
+        return {k: v / total[-1] if how == "mean" else v for k, v in zip(keys, total[:-1])}
+
+    def _anywhere(self, flag: bool) -> bool:
+        """True when ``flag`` holds on any process (decisions that every process must take together)."""
+        if self.world == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum") > 0)
+
+    def micro_step(self, indices: list[int], global_size: int, sync: bool, scale: float) -> dict | None:
+        """Forward and backward of this process's share of a micro-batch of ``global_size`` pairs; None when the
+        loss was not finite (on any process) and skipping is on."""
         batch = collate_pairs([self.train_pairs[i] for i in indices], self.pad_id).to(self.accelerator.device)
         inputs = batch.scorer_inputs()
         ref = self.reference_logps(inputs)
@@ -241,9 +276,10 @@ class OfflineRun:
             pair = PairLogps(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
                              counts[:b], counts[b:])
             out = self.objective(pair)
-            loss = out.losses.mean()
-            if not torch.isfinite(loss):
-                self._nonfinite(f"non-finite loss ({loss.item()})", indices)
+            # the mean over the global micro-batch once DDP averages the gradients of the processes
+            loss = out.losses.sum() * (self.world / global_size)
+            if self._anywhere(not torch.isfinite(loss).item()):
+                self._nonfinite(f"non-finite loss ({out.losses.mean().item()})", indices)
                 return None
             self.accelerator.backward(loss * scale)
         self.state["tokens"] += batch.num_tokens
@@ -256,16 +292,21 @@ class OfflineRun:
         seen: list[int] = []
         skip = False
         for i in range(tc.grad_accum):
-            indices = self.order.batch(self.state["micro"])
+            full = self.order.batch(self.state["micro"])
             self.state["micro"] += 1
             if skip:  # the rest of a skipped update's micro-batches are passed over too
                 continue
+            if len(full) < self.world:  # an epoch's last batch, too small to give every process a pair
+                log.warning("micro-batch %d: %d pairs for %d processes, passed over", self.state["micro"] - 1,
+                            len(full), self.world)
+                continue
+            indices = full[self.rank::self.world]
             seen += indices
-            metrics = self.micro_step(indices, sync=i == tc.grad_accum - 1, scale=1.0 / tc.grad_accum)
+            metrics = self.micro_step(indices, len(full), sync=i == tc.grad_accum - 1, scale=1.0 / tc.grad_accum)
             skip = metrics is None
             if metrics is not None:
                 acc.add(metrics)
-        record = acc.mean()
+        record = self._reduce(acc.mean(), weight=len(seen))
         if not skip:
             params = [p for p in self.param.model.parameters() if p.requires_grad]
             norm = float(self.accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf))
@@ -287,7 +328,8 @@ class OfflineRun:
         seconds = time.perf_counter() - t0
         self.state["seconds"] += seconds
         record["step_seconds"] = seconds
-        record["tokens_per_second"] = (self.state["tokens"] - tokens_before) / seconds
+        tokens = self._reduce({"t": self.state["tokens"] - tokens_before}, how="sum")["t"]  # all processes
+        record["tokens_per_second"] = tokens / seconds
         record["epoch"] = self.state["micro"] / self.order.batches_per_epoch
         return {"step": self.state["step"], **record}
 
@@ -371,9 +413,9 @@ class OfflineRun:
             saved = None
             if tc.save_steps and step % tc.save_steps == 0 and step < self.total_steps:
                 saved = self.save()
-            if stop.signum is not None:
+            if self._anywhere(stop.signum is not None):
                 bar.close()
-                raise TrainingInterrupted(stop.signum, step, saved or self.save())
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, saved or self.save())
 
     # -- the run ------------------------------------------------------------------------------------------
 
