@@ -277,7 +277,7 @@ class OfflineRun:
                              counts[:b], counts[b:])
             out = self.objective(pair)
             # the mean over the global micro-batch once DDP averages the gradients of the processes
-            loss = out.losses.sum() * (self.world / global_size)
+            loss = out.losses.sum() / global_size * self.world
             if self._anywhere(not torch.isfinite(loss).item()):
                 self._nonfinite(f"non-finite loss ({out.losses.mean().item()})", indices)
                 return None
