@@ -140,7 +140,7 @@ def _launch(args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_steps(proc: subprocess.Popen, metrics, steps: int, timeout: float = 120) -> None:
+def _wait_for_steps(proc: subprocess.Popen, metrics, steps: int, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
@@ -156,7 +156,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits(tiny_model_dir, data, t
     proc = _launch(_args(tiny_model_dir, data, out, "train.max_steps=100000"))
     _wait_for_steps(proc, out / "metrics.jsonl", 2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     (ckpt,) = list_checkpoints(out)
     step = int(ckpt.name.split("-")[1])
@@ -169,7 +169,7 @@ def test_sigkill_at_any_step_resumes_to_the_same_weights(tiny_model_dir, data, t
     proc = _launch(_args(tiny_model_dir, data, tmp_path / "killed", *extra))
     _wait_for_steps(proc, tmp_path / "killed" / "metrics.jsonl", 5)
     proc.kill()
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
     killed_at = len(list_checkpoints(tmp_path / "killed"))
     assert killed_at and int(list_checkpoints(tmp_path / "killed")[-1].name.split("-")[1]) < 24
