@@ -54,8 +54,8 @@ class Parametrization(ABC):
 
     @abstractmethod
     def merged_model(self) -> nn.Module:
-        """The policy as a plain ``transformers`` model with dense weights (no wrappers, no adapter); it may share
-        storage with the policy, so read it, do not train it."""
+        """The policy as a plain ``transformers`` model with dense weights (no wrappers, no adapter). It may be the
+        policy itself (full fine-tuning) or a copy: writing into it may change the policy."""
 
     @abstractmethod
     def save_final(self, out_dir: Path) -> None:

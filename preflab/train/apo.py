@@ -195,7 +195,9 @@ class ApoRun:
             theta = extrapolate(hat, prev, ac.alpha)
             extrap_norm = torch.sqrt(sum(((theta[k] - hat[k]) ** 2).sum() for k in hat)).item()
             del prev, anchor
-            merged.load_state_dict(theta, strict=False)  # merged is read-only from here on: θ̂ is saved above
+            # (for full fine-tuning ``merged`` is the trained policy itself: θ̂ is saved and evaluated above)
+            unexpected = merged.load_state_dict(theta, strict=False).unexpected_keys
+            assert not unexpected, f"extrapolated tensors the model does not hold: {unexpected[:3]}"
             _save_model_atomically(merged, self.tokenizer, out / "extrapolated")
             if ac.eval_extrapolated:
                 evaluation_x = self.generation_eval(merged)
