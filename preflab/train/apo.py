@@ -42,7 +42,7 @@ from ..models.generate import SamplingConfig
 from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
 from ..tasks import get_task
-from .loop import OfflineRun, RunResult, TrainingError, eval_mode, record_config
+from .loop import OfflineRun, RunResult, TrainingError, _write_json, eval_mode, record_config
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,6 @@ def _save_model_atomically(model: torch.nn.Module, tokenizer, out: Path) -> None
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class ApoRun:
