@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# reference log-probs cached by a test run stay with it (child processes inherit the variable)
+os.environ.setdefault("PREFLAB_REFERENCE_CACHE", tempfile.mkdtemp(prefix="preflab-reference-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

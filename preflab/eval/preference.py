@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..data.collate import collate_pairs
 from ..data.tokenize import TokenizedPair
 from ..losses import Objective, PairLogps
 from ..models.scorer import SequenceScorer
 from ..train.metrics import MetricAccumulator, pair_metrics
-from .scoring import score_sequences
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,22 @@ class SequenceLogps:
     rejected_tokens: Tensor
 
 
+@torch.no_grad()
 def score_pairs(scorer: SequenceScorer, pairs: list[TokenizedPair], batch_size: int, pad_id: int,
-                device: torch.device | str = "cpu") -> SequenceLogps:
-    """Scores chosen and rejected of every pair; ``batch_size`` counts pairs (two rows each)."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    logps, counts = score_sequences(scorer, rows, pad_id, 2 * batch_size, device)
+                device: torch.device | str = "cpu", layout: str = "padded", pack_tokens: int = 4096) -> SequenceLogps:
+    """Scores chosen and rejected of every pair, ``batch_size`` pairs at a time (batched by length) in ``layout``
+    (see :mod:`preflab.data.collate`); results in the input order."""
     n = len(pairs)
-    return SequenceLogps(logps[:n].float(), logps[n:].float(), counts[:n].float(), counts[n:].float())
+    chosen, rejected = torch.zeros(n), torch.zeros(n)
+    chosen_n, rejected_n = torch.zeros(n), torch.zeros(n)
+    order = sorted(range(n), key=lambda i: pairs[i].num_tokens)
+    for start in range(0, n, batch_size):
+        idx = torch.tensor(order[start:start + batch_size])
+        batch = collate_pairs([pairs[i] for i in idx.tolist()], pad_id, layout, pack_tokens).to(device)
+        logps, counts = scorer(**batch.scorer_inputs())
+        logps, counts, b = logps.float().cpu(), counts.float().cpu(), len(idx)
+        chosen[idx], rejected[idx], chosen_n[idx], rejected_n[idx] = logps[:b], logps[b:], counts[:b], counts[b:]
+    return SequenceLogps(chosen, rejected, chosen_n, rejected_n)
 
 
 def preference_metrics(objective: Objective, policy: SequenceLogps, reference: SequenceLogps) -> dict[str, float]:

@@ -7,6 +7,9 @@ prompt, padding and the last position). The result is, per output sequence ``s``
 (padded pairs today; prefix-shared or packed rows later) only changes how rows and ``target_seq`` are
 built, never this code.
 
+Custom layouts (prefix sharing, packing) pass a 4D boolean mask and position ids; SDPA takes the boolean mask
+as it is, eager attention an additive one (built here), other attention kernels are refused.
+
 The vocabulary projection runs only on response positions and chunk by chunk: a chunk's fp32 logits live
 only while its log-softmax is taken, and under autograd each chunk is recomputed in the backward pass
 (activation checkpointing), so the ``tokens × vocab`` fp32 logits never exist for the whole batch.
@@ -39,6 +42,21 @@ def _chunk_token_logps(hidden: Tensor, targets: Tensor, head: nn.Module, softcap
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def _model_mask(mask: Tensor, model: nn.Module) -> Tensor:
+    """The attention mask in the form the model's attention kernel takes."""
+    if mask.dim() != 4:
+        return mask
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"attention {impl!r} cannot take the 4D mask of the shared/packed layouts; use "
+                     "model.attn_implementation=sdpa (or eager), or scorer.layout=padded")
+
+
 class SequenceScorer(nn.Module):
     """Wraps a causal LM (plain or PEFT); ``forward`` returns ``(logps, counts)``, each ``(S,)`` float32.
 
@@ -62,6 +80,7 @@ class SequenceScorer(nn.Module):
         num_sequences: int,
         position_ids: Tensor | None = None,  # (R, T)
     ) -> tuple[Tensor, Tensor]:
+        attention_mask = _model_mask(attention_mask, self.model)
         scored = target_seq >= 0
         seq = target_seq[scored]  # (N,)
         targets = target_ids[scored]

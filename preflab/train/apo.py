@@ -145,11 +145,12 @@ class ApoRun:
 
     def kl_to_prev(self, run: OfflineRun) -> float:
         """KL(π_t ‖ π̂_{t+1}) estimated on the iteration's pair responses (samples of π_t: its best and worst)."""
-        bs, pad, device = self.config.train.eval_batch_size, run.pad_id, run.accelerator.device
+        sc = self.config.scorer
+        how = (self.config.train.eval_batch_size, run.pad_id, run.accelerator.device, sc.layout, sc.pack_tokens)
         with torch.no_grad(), eval_mode(run.param.model):
-            policy = score_pairs(SequenceScorer(run.param.model), run.train_pairs, bs, pad, device)
+            policy = score_pairs(SequenceScorer(run.param.model, sc.chunk_size), run.train_pairs, *how)
             with run.param.reference() as ref, eval_mode(ref):
-                ref_logps = score_pairs(SequenceScorer(ref), run.train_pairs, bs, pad, device)
+                ref_logps = score_pairs(SequenceScorer(ref, sc.chunk_size), run.train_pairs, *how)
         diffs = torch.cat([ref_logps.chosen - policy.chosen, ref_logps.rejected - policy.rejected])
         return diffs.mean().item()
 

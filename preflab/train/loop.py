@@ -10,6 +10,7 @@ the held-out set are computed once. Checkpoints make the run resumable exactly (
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from transformers import get_scheduler
 
 from ..adapters import Parametrization, build_parametrization
 from ..config import Config, ConfigError, config_changes, dump_config
-from ..data.collate import collate_pairs
+from ..data.collate import PreferenceBatch, collate_pairs
 from ..data.dataset import load_pairs
 from ..data.tokenize import PairTokenizer
 from ..eval.diagnostics import ThreeDProbe
@@ -40,6 +41,7 @@ from ..eval.generation import GenerationEvaluator
 from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
 from ..losses import Objective, PairLogps, build_objective
 from ..models.loader import load_model, load_tokenizer
+from ..models.reference_cache import ReferenceCache, default_cache_dir, model_fingerprint, pair_key
 from ..models.scorer import SequenceScorer
 from ..optim.merging import MergingOptions, OnDAREAdamW, OnTIESAdamW, task_vectors_by_name
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
@@ -224,14 +226,64 @@ class OfflineRun:
                                      tc.eval_batch_size)
         self.energy = EnergyMonitor(config.diag.he_modules, config.diag.he_chunk) \
             if config.diag.enabled and config.diag.he_every != 0 else None
+        self.train_keys = [pair_key(p) for p in self.train_pairs]
+        self.ref_cache = None
+        if config.scorer.reference_cache != "none" and not self.objective.reference_free:
+            self.ref_cache = self._open_reference_cache()
 
     # -- pieces of a step ---------------------------------------------------------------------------------
 
-    def reference_logps(self, inputs: dict) -> torch.Tensor | None:
+    def collate(self, indices: list[int]) -> PreferenceBatch:
+        sc = self.config.scorer
+        pairs = [self.train_pairs[i] for i in indices]
+        return collate_pairs(pairs, self.pad_id, sc.layout, sc.pack_tokens).to(self.accelerator.device)
+
+    def _open_reference_cache(self) -> ReferenceCache:
+        t0 = time.perf_counter()
+        trainable = {id(p) for p in self.param.model.parameters() if p.requires_grad}
+        with self.param.reference() as ref:
+            fingerprint = model_fingerprint(ref, self.config.train.precision, trainable)
+        dataset = hashlib.blake2b(b"".join(self.train_keys), digest_size=8).hexdigest()
+        directory = Path(self.config.scorer.reference_cache_dir or default_cache_dir())
+        cache = ReferenceCache(directory, fingerprint, f"{dataset}-rank{self.rank}")
+        log.info("reference cache %s: %d pairs known (%.1f s to fingerprint and read)", cache.dir, len(cache),
+                 time.perf_counter() - t0)
+        return cache
+
+    def _reference_forward(self, batch: PreferenceBatch) -> torch.Tensor:
+        with torch.no_grad(), self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
+            return SequenceScorer(ref, self.config.scorer.chunk_size)(**batch.scorer_inputs())[0]
+
+    def reference_logps(self, indices: list[int], batch: PreferenceBatch) -> torch.Tensor | None:
+        """(2B,) reference log-probs of the batch's chosen then rejected: from the cache, the missing ones computed
+        (and cached)."""
         if self.objective.reference_free:
             return None
-        with torch.no_grad(), self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
-            return SequenceScorer(ref, self.config.scorer.chunk_size)(**inputs)[0]
+        if self.ref_cache is None:
+            return self._reference_forward(batch)
+        keys = [self.train_keys[i] for i in indices]
+        values, missing = self.ref_cache.lookup(keys)
+        if missing:
+            sub = batch if len(missing) == len(indices) else self.collate([indices[j] for j in missing])
+            logps, m = self._reference_forward(sub).float().cpu(), len(missing)
+            self.ref_cache.add([keys[j] for j in missing], logps[:m], logps[m:])
+            values[missing] = torch.stack([logps[:m], logps[m:]], dim=1)
+        return torch.cat([values[:, 0], values[:, 1]]).to(self.accelerator.device)
+
+    def precompute_reference(self) -> None:
+        """Fills the cache with every training pair (each process a share), then reads back all processes' files."""
+        own = range(self.rank, len(self.train_pairs), self.world)
+        todo = sorted((i for i in own if self.train_keys[i] not in self.ref_cache.values),
+                      key=lambda i: self.train_pairs[i].num_tokens)
+        t0, bs = time.perf_counter(), self.config.train.eval_batch_size
+        for start in tqdm(range(0, len(todo), bs), desc="reference", unit="batch",
+                          disable=not (self.config.train.progress and self.accelerator.is_main_process)):
+            chunk = todo[start:start + bs]
+            self.reference_logps(chunk, self.collate(chunk))
+        self.ref_cache.save()
+        self.accelerator.wait_for_everyone()
+        self.ref_cache = self._open_reference_cache()
+        log.info("reference log-probs of %d pairs computed in %.1f s", len(todo), time.perf_counter() - t0)
 
     def _nonfinite(self, what: str, indices: list[int]) -> None:
         """Stops (``train.on_nonfinite: stop``) or counts a skipped update; either way the message says where."""
@@ -267,12 +319,11 @@ class OfflineRun:
     def micro_step(self, indices: list[int], global_size: int, sync: bool, scale: float) -> dict | None:
         """Forward and backward of this process's share of a micro-batch of ``global_size`` pairs; None when the
         loss was not finite (on any process) and skipping is on."""
-        batch = collate_pairs([self.train_pairs[i] for i in indices], self.pad_id).to(self.accelerator.device)
-        inputs = batch.scorer_inputs()
-        ref = self.reference_logps(inputs)
+        batch = self.collate(indices)
+        ref = self.reference_logps(indices, batch)
         b = batch.num_pairs
         with (nullcontext() if sync else self.accelerator.no_sync(self.scorer)), self.accelerator.autocast():
-            logps, counts = self.scorer(**inputs)
+            logps, counts = self.scorer(**batch.scorer_inputs())
             pair = PairLogps(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
                              counts[:b], counts[b:])
             out = self.objective(pair)
@@ -338,16 +389,16 @@ class OfflineRun:
     def evaluate(self, policy_is_reference: bool = False) -> dict | None:
         if not self.eval_pairs:
             return None
-        bs, device = self.config.train.eval_batch_size, self.accelerator.device
+        sc = self.config.scorer
+        how = (self.config.train.eval_batch_size, self.pad_id, self.accelerator.device, sc.layout, sc.pack_tokens)
         if self._eval_reference is None:
             with self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
-                self._eval_reference = score_pairs(SequenceScorer(ref, self.config.scorer.chunk_size),
-                                                   self.eval_pairs, bs, self.pad_id, device)
+                self._eval_reference = score_pairs(SequenceScorer(ref, sc.chunk_size), self.eval_pairs, *how)
         if policy_is_reference:
             policy = self._eval_reference
         else:
             with eval_mode(self.scorer), self.accelerator.autocast():
-                policy = score_pairs(self.scorer, self.eval_pairs, bs, self.pad_id, device)
+                policy = score_pairs(self.scorer, self.eval_pairs, *how)
         return preference_metrics(self.objective, policy, self._eval_reference)
 
     def measure_probe(self, log_grad_ratio: float | None) -> dict:
@@ -359,6 +410,8 @@ class OfflineRun:
 
     def save(self) -> Path | None:
         path = None
+        if self.ref_cache is not None:  # every process writes its own file
+            self.ref_cache.save()
         trainable = self.param.trainable_state_dict()
         bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
         if bad:  # never a checkpoint a resume would have to throw away
@@ -450,6 +503,8 @@ class OfflineRun:
                      len(self.probe.seen_rows) // 2, len(self.probe.probe_rows), time.perf_counter() - t0)
         if self.energy is not None:
             self.energy.prepare(self.param.reference)
+        if self.ref_cache is not None and self.config.scorer.reference_cache == "precompute":
+            self.precompute_reference()
         self.scorer.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
                    desc="train", unit="step")

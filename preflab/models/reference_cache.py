@@ -1,0 +1,113 @@
+"""Reference log-probs computed once and reused: keyed by the reference model and by each pair's tokens.
+
+The reference policy of an offline run never changes, so its log-probs of a pair are a function of the pair's
+token ids and of the reference's weights (and of the precision they run in). :class:`ReferenceCache` keeps them
+per pair, under a directory named by a fingerprint of the reference's frozen tensors: a changed model lands in
+another directory (recomputed), a changed dataset has other pair keys (its new pairs are recomputed, unchanged
+ones reused). Filled lazily by the training loop (a pair's first visit computes it) or all at once
+(``scorer.reference_cache: precompute``); written atomically, one file per dataset and process, read back by
+every later run of the same reference: seeds, β and learning-rate sweeps, resumed runs, later epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..data.tokenize import TokenizedPair
+from .loader import cache_root
+
+FORMAT = "1"  # bump when what a cached value means changes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PREFLAB_REFERENCE_CACHE", cache_root() / "reference"))
+
+
+def pair_key(pair: TokenizedPair) -> bytes:
+    """16 bytes naming the pair's prompt, chosen and rejected token ids (lengths included)."""
+    h = hashlib.blake2b(digest_size=16)
+    for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def model_fingerprint(model: nn.Module, precision: str, trainable: set[int] = frozenset()) -> str:
+    """A hash of the parameters and buffers of ``model`` (names, dtypes, shapes, bytes), its config and the
+    precision it runs in, leaving out the parameters whose ``id`` is in ``trainable``: under a parametrization's
+    ``reference()`` those are the adapter that is switched off (PEFT even marks it frozen there), and they change
+    during training while the reference does not."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{FORMAT}|{precision}|".encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(config.to_json_string(use_diff=False).encode())
+    tensors = [(n, p) for n, p in model.named_parameters() if id(p) not in trainable] + list(model.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ReferenceCache:
+    """Reference log-probs of (chosen, rejected) by pair key, for one reference model.
+
+    Args:
+        directory: the cache root; this model's entries live in ``directory/<fingerprint>/``.
+        fingerprint: :func:`model_fingerprint` of the reference.
+        name: the file this process writes (e.g. a hash of its dataset and its rank); every file of the
+            model's directory is read.
+    """
+
+    def __init__(self, directory: Path, fingerprint: str, name: str):
+        self.dir = Path(directory) / fingerprint
+        self.path = self.dir / f"{name}.safetensors"
+        self.values: dict[bytes, tuple[float, float]] = {}
+        self.dirty = False
+        for file in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
+            try:
+                data = load_file(file)
+                keys, logps = data["keys"].numpy(), data["logps"].tolist()
+            except Exception:  # an unreadable file only costs a recomputation
+                continue
+            self.values.update((bytes(k), (c, r)) for k, (c, r) in zip(keys, logps))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def lookup(self, keys: list[bytes]) -> tuple[Tensor, list[int]]:
+        """(B, 2) float32 of the cached (chosen, rejected) log-probs (NaN where missing), and the missing indices."""
+        out = torch.full((len(keys), 2), float("nan"), dtype=torch.float32)
+        missing = []
+        for i, key in enumerate(keys):
+            value = self.values.get(key)
+            if value is None:
+                missing.append(i)
+            else:
+                out[i, 0], out[i, 1] = value
+        return out, missing
+
+    def add(self, keys: list[bytes], chosen: Tensor, rejected: Tensor) -> None:
+        for key, c, r in zip(keys, chosen.tolist(), rejected.tolist()):
+            self.values[key] = (c, r)
+        self.dirty = True
+
+    def save(self) -> None:
+        """Write every known entry to this process's file (temporary name, then rename)."""
+        if not self.dirty:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        keys = np.frombuffer(b"".join(self.values), dtype=np.uint8).reshape(-1, 16)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        save_file({"keys": torch.from_numpy(keys.copy()),
+                   "logps": torch.tensor(list(self.values.values()), dtype=torch.float32).reshape(-1, 2)}, tmp)
+        os.replace(tmp, self.path)
+        self.dirty = False
