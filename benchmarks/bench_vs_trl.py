@@ -14,7 +14,8 @@ is the child's peak RSS on CPU (model loading included) and ``torch.cuda.max_mem
 preflab variants (``--variants``): ``padded`` (a row per response, reference forward every step),
 ``shared`` (prefix sharing), ``packed`` (prefix sharing, pairs packed into rows), each with ``+cache``
 (reference log-probs precomputed before the first step; the time that takes is reported as
-``cache_seconds``, outside the steps). TRL runs with its defaults for the same work (``trl`` row) and, with
+``cache_seconds``, outside the steps; for TRL's precompute row it is the time of its constructor, which
+tokenizes the data and precomputes). TRL runs with its defaults for the same work (``trl`` row) and, with
 ``--trl-precompute``, also with ``precompute_ref_log_probs=True``. A failed run is printed with its error,
 never dropped. TRL is an optional extra: ``pip install trl``.
 
@@ -30,6 +31,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,13 +115,16 @@ def worker_preflab(a) -> dict:
 
     layout, _, cache = a.variant.partition("+")
     out = Path(a.workdir) / f"preflab-{a.variant}"
+    cache_dir = Path(a.workdir) / f"reference-cache-{a.variant}"
+    shutil.rmtree(cache_dir, ignore_errors=True)  # the cache's cost is measured, never an earlier run's cache
     overrides = [f"model.name={a.model_dir}", f"model.dtype={a.dtype}", f"data.train={a.data}",
                  f"output_dir={out}", "resume=never", "train.progress=false", f"train.batch_size={a.pairs}",
                  f"train.max_steps={a.warmup + a.steps}", "train.lr=1e-5", "train.warmup_ratio=0",
                  f"train.precision={a.precision}", "train.max_grad_norm=0", "train.eval_batch_size=8",
-                 "train.save_steps=0", f"scorer.layout={layout}", "data.max_length=4096", "data.max_prompt_length=2048",
+                 "train.save_steps=null", f"scorer.layout={layout}", "data.max_length=4096",
+                 "data.max_prompt_length=2048",
                  f"scorer.reference_cache={'precompute' if cache else 'none'}",
-                 f"scorer.reference_cache_dir={Path(a.workdir) / 'reference-cache'}",
+                 f"scorer.reference_cache_dir={cache_dir}", f"scorer.chunk_size={a.chunk_size}",
                  f"parametrization.kind={a.param}"] + ([f"parametrization.r={a.lora_r}", "parametrization.alpha=32",
                                                         "parametrization.dropout=0"] if a.param == "lora" else [])
     config = load_config(None, overrides)
@@ -178,12 +183,12 @@ def worker_trl(a) -> dict:
                      precompute_ref_log_probs=a.variant == "precompute", max_grad_norm=0.0, disable_tqdm=True,
                      seed=0)
     dataset = load_dataset("json", data_files=a.data, split="train")
+    t0 = time.perf_counter()  # TRL tokenizes (and, with precompute_ref_log_probs, precomputes) in its constructor
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[Timer()])
-    t0 = time.perf_counter()
+    setup = time.perf_counter() - t0
     trainer.train()
-    total = time.perf_counter() - t0
-    return {"step_seconds": times, "cache_seconds": total - sum(times) if a.variant == "precompute" else None}
+    return {"step_seconds": times, "cache_seconds": setup if a.variant == "precompute" else None}
 
 
 def _worker(a) -> None:
@@ -206,7 +211,7 @@ def _measure(a, worker: str, variant: str, data: Path, model_dir: str, per_step_
     cmd = [sys.executable, __file__, "--worker", worker, "--variant", variant, "--data", str(data),
            "--model-dir", model_dir, "--workdir", a.workdir, "--pairs", str(a.pairs), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--param", a.param, "--lora-r", str(a.lora_r), "--precision", a.precision,
-           "--dtype", a.dtype, "--device", a.device, "--threads", str(a.threads)]
+           "--dtype", a.dtype, "--device", a.device, "--threads", str(a.threads), "--chunk-size", str(a.chunk_size)]
     print(f"[bench] {worker} {variant} on {data.stem} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -260,6 +265,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
+    p.add_argument("--chunk-size", type=int, default=256, help="preflab's scorer.chunk_size")
     p.add_argument("--workdir", default=None)
     # child-process arguments
     p.add_argument("--worker", choices=("preflab", "trl"), help=argparse.SUPPRESS)
@@ -274,6 +280,7 @@ def main() -> None:
     from preflab.models.loader import load_tokenizer
 
     a.workdir = a.workdir or tempfile.mkdtemp(prefix="preflab-bench-")
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
     model_dir = a.model
     if a.model in RANDOM_MODELS:  # saved once, so both tools load the same weights
         model_dir = str(Path(a.workdir) / a.model.replace(":", "-"))

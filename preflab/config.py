@@ -60,7 +60,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    chunk_size: int = 1024  # response tokens per slice of the vocabulary projection; 0: full logits (slow path)
+    chunk_size: int = 256  # response tokens per slice of the vocabulary projection; 0: full logits (slow path)
     # padded: a row per response; shared: a row per pair, the prompt once (prefix sharing); packed: several
     # pairs per row up to pack_tokens (see preflab.data.collate)
     layout: str = field(default="shared", metadata={"choices": ("padded", "shared", "packed")})

@@ -53,7 +53,8 @@ def model_fingerprint(model: nn.Module, precision: str, trainable: set[int] = fr
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 

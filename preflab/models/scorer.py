@@ -66,7 +66,7 @@ class SequenceScorer(nn.Module):
             with the model's own forward (the plain path, kept as the reference implementation).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 256):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size

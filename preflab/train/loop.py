@@ -1,8 +1,9 @@
 """The offline schedule: epochs over a fixed preference dataset, on ``accelerate``.
 
 ``preflab train configs/dpo.yaml`` runs :func:`train`. One optimizer step = ``grad_accum`` micro-batches
-of ``batch_size`` pairs: policy log-probs (one forward for chosen and rejected), reference log-probs (the
-base with the adapter off, or the frozen copy), objective, backward; then clipping, AdamW, scheduler.
+of ``batch_size`` pairs: policy log-probs (one forward for chosen and rejected, in the scorer's layout),
+reference log-probs (from the reference cache, or computed by the base with the adapter off or the frozen copy
+and then cached), objective, backward; then clipping, AdamW, scheduler.
 Held-out pairs are evaluated before training, every ``eval_steps`` and at the end; reference log-probs of
 the held-out set are computed once. Checkpoints make the run resumable exactly (``resume: auto``).
 """
