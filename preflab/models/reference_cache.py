@@ -72,14 +72,17 @@ class ReferenceCache:
         self.dir = Path(directory) / fingerprint
         self.path = self.dir / f"{name}.safetensors"
         self.values: dict[bytes, tuple[float, float]] = {}
+        self.own: set[bytes] = set()  # the entries this file holds: read from it or added here
         self.dirty = False
         for file in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
             try:
                 data = load_file(file)
-                keys, logps = data["keys"].numpy(), data["logps"].tolist()
+                keys, logps = [bytes(k) for k in data["keys"].numpy()], data["logps"].tolist()
             except Exception:  # an unreadable file only costs a recomputation
                 continue
-            self.values.update((bytes(k), (c, r)) for k, (c, r) in zip(keys, logps))
+            self.values.update((k, (c, r)) for k, (c, r) in zip(keys, logps))
+            if file == self.path:
+                self.own.update(keys)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -99,16 +102,18 @@ class ReferenceCache:
     def add(self, keys: list[bytes], chosen: Tensor, rejected: Tensor) -> None:
         for key, c, r in zip(keys, chosen.tolist(), rejected.tolist()):
             self.values[key] = (c, r)
+            self.own.add(key)
         self.dirty = True
 
     def save(self) -> None:
-        """Write every known entry to this process's file (temporary name, then rename)."""
+        """Write this file's entries (temporary name, then rename); other files are only read."""
         if not self.dirty:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        keys = np.frombuffer(b"".join(self.values), dtype=np.uint8).reshape(-1, 16)
+        own = sorted(self.own)
+        keys = np.frombuffer(b"".join(own), dtype=np.uint8).reshape(-1, 16)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         save_file({"keys": torch.from_numpy(keys.copy()),
-                   "logps": torch.tensor(list(self.values.values()), dtype=torch.float32).reshape(-1, 2)}, tmp)
+                   "logps": torch.tensor([self.values[k] for k in own], dtype=torch.float32).reshape(-1, 2)}, tmp)
         os.replace(tmp, self.path)
         self.dirty = False

@@ -4,8 +4,8 @@ A batch is laid out as token rows plus, for every position ``i``, the token that
 (``target_ids[i]``, i.e. token ``i+1``) and the output sequence it counts for (``target_seq[i]``, −1 for
 prompt, padding and the last position). The result is, per output sequence ``s``,
 ``logp[s] = Σ_{i: target_seq[i]=s} log π(target_ids[i] | tokens ≤ i)`` and the token count. Any layout
-(padded pairs today; prefix-shared or packed rows later) only changes how rows and ``target_seq`` are
-built, never this code.
+(padded, prefix-shared or packed rows: :mod:`preflab.data.collate`) only changes how rows, the mask, the
+position ids and ``target_seq`` are built, never this code.
 
 Custom layouts (prefix sharing, packing) pass a 4D boolean mask and position ids; SDPA takes the boolean mask
 as it is, eager attention an additive one (built here), other attention kernels are refused.

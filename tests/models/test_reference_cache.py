@@ -51,6 +51,10 @@ def test_cache_round_trip_and_unreadable_files(tmp_path):
     assert missing == [2]
     assert values[:2].tolist() == [[-1.5, -3.5], [-2.5, -4.25]] and values[2].isnan().all()
     assert ReferenceCache(tmp_path, "another-model", "x").lookup(keys)[1] == [0, 1, 2]
+    again.add(keys[2:], torch.tensor([-5.0]), torch.tensor([-6.0]))
+    again.save()  # a file holds its own entries only; every file is read
+    assert len(ReferenceCache(tmp_path, "model", "other-rank0").own) == 1
+    assert ReferenceCache(tmp_path, "model", "third").lookup(keys)[1] == []
     assert not list((tmp_path / "model").glob(".*tmp*"))  # written under a temporary name, then renamed
 
 

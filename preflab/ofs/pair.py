@@ -1,0 +1,146 @@
+"""Two LoRA modules on one frozen base, routed by rows: the fast/slow pair of OFS-DPO in one forward.
+
+Every targeted ``nn.Linear`` becomes a :class:`TwoLoraLinear` holding the frozen base weight and two LoRA modules,
+``fast`` and ``slow`` (``ΔW_k = (α/r)·B_k·A_k``, PEFT's initialisation: A Kaiming-uniform, B = 0; with
+``init_same`` both start from the same A, so both policies equal the reference at step 0). A shared
+:class:`Route` says what a forward computes:
+
+- ``off``: the base alone (the reference, no copy of the model);
+- ``fast`` / ``slow``: the base plus one module;
+- ``split`` at row ``h``: rows ``[0, h)`` through fast, rows ``[h, R)`` through slow — one forward for both
+  modules on a duplicated batch (:func:`duplicate_rows`), larger GEMMs, one backward. The two modules act as
+  one rank-2r LoRA whose halves are masked per row (no in-place writes, no copy of the output), and the split
+  stays on the route for the whole step, so that activation recomputation (gradient checkpointing) routes rows
+  the same way.
+
+PEFT's mixed-adapter batches (``adapter_names=``) refuse training mode, hence this module. A module exports as an
+ordinary PEFT LoRA adapter (:meth:`FastSlowLora.save_adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..data.collate import SequenceBatch
+
+MODULES = ("fast", "slow")
+
+
+@dataclass
+class Route:
+    mode: str = "off"  # off | fast | slow | split
+    split: int = 0  # rows [0, split) fast, the rest slow (mode split)
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def row_mask(self, x: Tensor, r: int) -> Tensor:
+        """(R, 1, …, 2r) of 0/1: row i keeps the first r (fast) columns when i < split, else the last r."""
+        key = (self.split, x.shape[0], x.dim(), r, x.device, x.dtype)
+        if key not in self._masks:
+            if len(self._masks) > 64:  # shapes vary with the batches; keep the cache small
+                self._masks.clear()
+            fast = (torch.arange(x.shape[0], device=x.device) < self.split)[:, None]
+            cols = torch.arange(2 * r, device=x.device)[None, :] < r
+            mask = (fast == cols).to(x.dtype)  # (R, 2r)
+            self._masks[key] = mask.view(x.shape[0], *([1] * (x.dim() - 2)), 2 * r)
+        return self._masks[key]
+
+
+class TwoLoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, route: Route, init_same: bool = True):
+        super().__init__()
+        self.base, self.route, self.scale = base, route, alpha / r
+        a = torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default LoRA init
+        second = a.clone()
+        if not init_same:
+            nn.init.kaiming_uniform_(second, a=math.sqrt(5))
+        zeros = torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.ParameterDict({"fast": nn.Parameter(a), "slow": nn.Parameter(second)})
+        self.lora_B = nn.ParameterDict({"fast": nn.Parameter(zeros.clone()), "slow": nn.Parameter(zeros.clone())})
+
+    def delta(self, module: str, x: Tensor) -> Tensor:
+        return (x @ self.lora_A[module].T) @ self.lora_B[module].T * self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        mode = self.route.mode
+        if mode == "off":
+            return y
+        if mode in MODULES:
+            return y + self.delta(mode, x)
+        # both modules as one LoRA of rank 2r whose halves are masked per row: two small GEMMs over all rows
+        # and a single add, instead of per-half products joined by a copy (cat) of the full-width output
+        a = torch.cat([self.lora_A["fast"], self.lora_A["slow"]], dim=0)  # (2r, in)
+        b = torch.cat([self.lora_B["fast"], self.lora_B["slow"]], dim=1)  # (out, 2r)
+        return y + ((x @ a.T) * self.route.row_mask(x, a.shape[0] // 2)) @ b.T * self.scale
+
+
+def _targets(model: nn.Module) -> list[str]:
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+class FastSlowLora:
+    """A causal LM whose every Linear but the head carries the two modules; ``model`` runs what ``route`` says."""
+
+    def __init__(self, model: nn.Module, r: int = 16, alpha: float = 32.0, init_same: bool = True):
+        self.model, self.r, self.alpha = model.requires_grad_(False), r, alpha
+        self.route = Route()
+        self.layers: dict[str, TwoLoraLinear] = {}
+        for name in _targets(model):
+            layer = TwoLoraLinear(model.get_submodule(name), r, alpha, self.route, init_same)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            self.layers[name] = layer
+
+    def parameters(self, module: str) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.lora_A[module], layer.lora_B[module])]
+
+    @contextmanager
+    def routed(self, mode: str, split: int = 0):
+        """Within the block every forward (and any recomputation of it) runs ``mode``."""
+        before = (self.route.mode, self.route.split)
+        self.route.mode, self.route.split = mode, split
+        try:
+            yield self.model
+        finally:
+            self.route.mode, self.route.split = before
+
+    def state_dict(self, module: str) -> dict[str, Tensor]:
+        """``module``'s factors under PEFT's names (``base_model.model.<layer>.lora_A.weight``)."""
+        out = {}
+        for name, layer in self.layers.items():
+            out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[module].detach().contiguous()
+            out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[module].detach().contiguous()
+        return out
+
+    def save_adapter(self, module: str, out_dir: Path) -> None:
+        """``module`` as a PEFT LoRA adapter directory that plain ``peft`` loads onto the base model."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu() for k, v in self.state_dict(module).items()}, out_dir / "adapter_model.safetensors")
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+                  "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                  "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.layers}),
+                  "base_model_name_or_path": getattr(self.model.config, "_name_or_path", None), "inference_mode": True}
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def duplicate_rows(batch: SequenceBatch) -> SequenceBatch:
+    """The batch twice along the rows; the copy's output sequences are numbered after the original's, so the
+    scorer returns ``2S`` log-probs: ``[0, S)`` of the first copy, ``[S, 2S)`` of the second."""
+    s = batch.num_sequences
+    target_seq = torch.cat([batch.target_seq, torch.where(batch.target_seq >= 0, batch.target_seq + s, -1)])
+    position_ids = None if batch.position_ids is None else torch.cat([batch.position_ids] * 2)
+    return replace(batch, input_ids=torch.cat([batch.input_ids] * 2),
+                   attention_mask=torch.cat([batch.attention_mask] * 2), target_ids=torch.cat([batch.target_ids] * 2),
+                   target_seq=target_seq, position_ids=position_ids, num_tokens=2 * batch.num_tokens,
+                   num_seqs=2 * s)

@@ -1,0 +1,90 @@
+"""The fast/slow LoRA pair: reference = base, one routed forward = two separate ones, export loads in PEFT."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_model, sentiment_rows
+from torch.testing import assert_close
+
+from preflab.data.collate import collate_pairs
+from preflab.data.formats import normalize_row
+from preflab.data.tokenize import PairTokenizer
+from preflab.models.scorer import SequenceScorer
+from preflab.ofs.pair import FastSlowLora, duplicate_rows
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    rows = sentiment_rows(4)
+    rows[1]["chosen"][0]["content"] = "A much longer answer than the others, " * 4
+    pt = PairTokenizer(tokenizer)
+    return collate_pairs([pt(normalize_row(r, f"row {i}")) for i, r in enumerate(rows)], tokenizer.pad_token_id,
+                         "shared")
+
+
+def _randomize(pair, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in pair.layers.values():
+            for module in ("fast", "slow"):
+                layer.lora_B[module].copy_(torch.randn(layer.lora_B[module].shape, generator=g) * 0.05)
+
+
+def test_reference_is_the_base_and_both_modules_start_there(tokenizer, batch):
+    base = make_tiny_model(tokenizer, seed=2)
+    with torch.no_grad():
+        want, _ = SequenceScorer(base)(**batch.scorer_inputs())
+    pair = FastSlowLora(copy.deepcopy(base), r=4, alpha=8)
+    for mode in ("off", "fast", "slow"):
+        with torch.no_grad(), pair.routed(mode) as model:
+            got, _ = SequenceScorer(model)(**batch.scorer_inputs())
+        assert torch.equal(got, want), mode
+    assert all(torch.equal(layer.lora_A["fast"], layer.lora_A["slow"]) for layer in pair.layers.values())
+    trainable = [p for p in pair.model.parameters() if p.requires_grad]
+    assert len(trainable) == 4 * len(pair.layers)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_one_routed_forward_equals_two_separate_ones(tokenizer, batch, checkpointing):
+    pair = FastSlowLora(make_tiny_model(tokenizer, seed=3), r=4, alpha=8)
+    _randomize(pair, 0)
+    pair.model.train()
+    if checkpointing:
+        pair.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    weights = torch.linspace(0.5, 1.5, 2 * batch.num_sequences)
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in pair.model.named_parameters() if p.requires_grad}
+        pair.model.zero_grad(set_to_none=True)
+        return out
+
+    separate = []
+    for mode, w in (("fast", weights[:batch.num_sequences]), ("slow", weights[batch.num_sequences:])):
+        with pair.routed(mode) as model:
+            logps, _ = SequenceScorer(model, chunk_size=16)(**batch.scorer_inputs())
+            (logps * w).sum().backward()
+        separate.append(logps.detach())
+    want = grads()
+    with pair.routed("split", batch.input_ids.shape[0]) as model:
+        fused, _ = SequenceScorer(model, chunk_size=16)(**duplicate_rows(batch).scorer_inputs())
+        (fused * weights).sum().backward()
+    got = grads()
+    assert_close(fused.detach(), torch.cat(separate), atol=1e-5, rtol=0)
+    assert not torch.allclose(separate[0], separate[1])  # the two modules differ: the routing matters
+    for name in want:
+        assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_module_exports_as_a_plain_peft_adapter(tokenizer, batch, tmp_path):
+    from peft import PeftModel
+
+    base = make_tiny_model(tokenizer, seed=4)
+    pair = FastSlowLora(copy.deepcopy(base), r=4, alpha=8)
+    _randomize(pair, 1)
+    pair.save_adapter("slow", tmp_path / "slow")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "slow").eval()
+    with torch.no_grad(), pair.routed("slow") as model:
+        want, _ = SequenceScorer(model)(**batch.scorer_inputs())
+        got, _ = SequenceScorer(loaded)(**batch.scorer_inputs())
+    assert_close(got, want, atol=1e-5, rtol=0)
