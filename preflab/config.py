@@ -203,6 +203,31 @@ class OptimConfig(MergingOptions):
 
 
 @dataclass(frozen=True)
+class OfsConfig:
+    """Fast-slow chasing (``schedule: ofs``, preflab.train.ofs): two LoRA modules on one base, the leader widening
+    its lead and the chaser closing the gap. The spec is ../methods/ofs-cofs.md (Qi et al., arXiv 2406.05534)."""
+
+    alpha: float = 0.1  # weight of the chasing term
+    slow_lr_ratio: float = 0.1  # slow module's lr = train.lr × this
+    swap_interval: int = 50  # K: optimizer steps per window; the lower mean DPO loss leads
+    beta: float | None = None  # β of the margins in the chasing term; null: the first loss term's beta
+    export: str = field(default="leader", metadata={"choices": ("leader", "fast", "slow")})
+    init_same: bool = True  # both modules start from the same A (and B = 0)
+    chase_stopgrad: bool = True  # false: no stop-gradients (the two terms then cancel exactly)
+    gap_clamp: float | None = None  # bound on |h_F − h_S| inside the chasing term
+    clip_scope: str = field(default="per_module", metadata={"choices": ("per_module", "joint")})
+    # one routed forward on the duplicated batch, or one forward per module (faster on CPU: see bench_ofs_step)
+    fused_forward: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.slow_lr_ratio <= 0 or self.swap_interval < 1:
+            raise ValueError(f"alpha >= 0, slow_lr_ratio > 0 and swap_interval >= 1 needed, got {self.alpha}, "
+                             f"{self.slow_lr_ratio}, {self.swap_interval}")
+        if self.gap_clamp is not None and self.gap_clamp <= 0:
+            raise ValueError(f"gap_clamp: must be > 0 or null, got {self.gap_clamp}")
+
+
+@dataclass(frozen=True)
 class ApoConfig:
     """The iterative schedule (``schedule: apo``, preflab.train.apo): sample → score → pair → train → extrapolate.
 
@@ -261,7 +286,7 @@ class Config:
     output_dir: str = "runs/dpo"
     seed: int = 0
     resume: str = "auto"  # auto: continue from the run directory's last checkpoint; never; or a checkpoint path
-    schedule: str = field(default="offline", metadata={"choices": ("offline", "apo")})  # the outer loop
+    schedule: str = field(default="offline", metadata={"choices": ("offline", "apo", "ofs")})  # the outer loop
     model: ModelConfig = field(default_factory=ModelConfig)
     parametrization: Component = field(default=None)  # type: ignore[assignment]
     loss: tuple[Component, ...] = ()
@@ -272,6 +297,7 @@ class Config:
     diag: DiagConfig = field(default_factory=DiagConfig)  # 3D-properties diagnostics
     optim: OptimConfig = field(default_factory=OptimConfig)
     apo: ApoConfig = field(default_factory=ApoConfig)  # schedule: apo
+    ofs: OfsConfig = field(default_factory=OfsConfig)  # schedule: ofs
 
     def to_dict(self) -> dict:
         return _to_plain(self)

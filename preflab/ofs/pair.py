@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..adapters.base import Parametrization
 from ..data.collate import SequenceBatch
 
 MODULES = ("fast", "slow")
@@ -132,6 +133,48 @@ class FastSlowLora:
                   "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.layers}),
                   "base_model_name_or_path": getattr(self.model.config, "_name_or_path", None), "inference_mode": True}
         (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+class FastSlowPair(Parametrization):
+    """The pair as a parametrization: the reference is the base (route ``off``), and forwards outside an explicit
+    route run the *resting* module (the leader, set by the schedule), so that evaluation, generation and export
+    see the policy the run would return."""
+
+    count_convention = "LoRA factor elements of both modules"
+
+    def __init__(self, model: nn.Module, r: int, alpha: float, init_same: bool = True):
+        self.pair = FastSlowLora(model, r, alpha, init_same)
+        self.model = self.pair.model
+        self.rest_on("fast")
+
+    def rest_on(self, module: str) -> None:
+        self.pair.route.mode, self.pair.route.split = module, 0
+
+    @property
+    def resting(self) -> str:
+        return self.pair.route.mode
+
+    @contextmanager
+    def reference(self):
+        with self.pair.routed("off") as model:
+            yield model
+
+    def merged_model(self) -> nn.Module:
+        """A plain copy with the resting module folded into the weights."""
+        import copy
+
+        merged = copy.deepcopy(self.model)
+        for name, layer in self.pair.layers.items():
+            twin = merged.get_submodule(name)
+            base = twin.base
+            with torch.no_grad():
+                base.weight += layer.scale * twin.lora_B[self.resting] @ twin.lora_A[self.resting]
+            parent, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent) if parent else merged, child, base)
+        return merged
+
+    def save_final(self, out_dir: Path) -> None:
+        self.pair.save_adapter(self.resting, out_dir)
 
 
 def duplicate_rows(batch: SequenceBatch) -> SequenceBatch:

@@ -204,12 +204,12 @@ class OfflineRun:
         model = load_model(config.model.name, config.model.dtype, config.model.attn_implementation)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.param = build_parametrization(config.parametrization.name, config.parametrization.params, model)
+        self.param = self.build_parametrization(model)
         self.objective: Objective = build_objective([t.to_dict() for t in config.loss])
         # a global batch of batch_size pairs per process; process r takes every world-th pair of it
         self.order = BatchOrder(len(self.train_pairs), tc.batch_size * self.world, config.seed)
         self.total_steps = tc.max_steps or math.ceil(tc.epochs * self.order.batches_per_epoch / tc.grad_accum)
-        self.optimizer = _optimizer(self.param, config)
+        self.optimizer = self.build_optimizer()
         self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer,
                                        num_warmup_steps=round(tc.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
@@ -231,6 +231,12 @@ class OfflineRun:
         self.ref_cache = None
         if config.scorer.reference_cache != "none" and not self.objective.reference_free:
             self.ref_cache = self._open_reference_cache()
+
+    def build_parametrization(self, model: torch.nn.Module) -> Parametrization:
+        return build_parametrization(self.config.parametrization.name, self.config.parametrization.params, model)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return _optimizer(self.param, self.config)
 
     # -- pieces of a step ---------------------------------------------------------------------------------
 
@@ -337,6 +343,11 @@ class OfflineRun:
         self.state["tokens"] += batch.num_tokens
         return pair_metrics(pair, out)
 
+    def clip_gradients(self, max_norm: float, record: dict) -> float:
+        """Clips the trainable gradients to ``max_norm`` (inf: measures only); returns the norm before clipping."""
+        params = [p for p in self.param.model.parameters() if p.requires_grad]
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
     def optimizer_step(self) -> dict:
         tc = self.config.train
         acc = MetricAccumulator()
@@ -360,8 +371,7 @@ class OfflineRun:
                 acc.add(metrics)
         record = self._reduce(acc.mean(), weight=len(seen))
         if not skip:
-            params = [p for p in self.param.model.parameters() if p.requires_grad]
-            norm = float(self.accelerator.clip_grad_norm_(params, tc.max_grad_norm or math.inf))
+            norm = self.clip_gradients(tc.max_grad_norm or math.inf, record)
             if math.isfinite(norm):
                 record["grad_norm"] = norm
             else:
@@ -384,6 +394,9 @@ class OfflineRun:
         record["tokens_per_second"] = tokens / seconds
         record["epoch"] = self.state["micro"] / self.order.batches_per_epoch
         return {"step": self.state["step"], **record}
+
+    def finish_training(self) -> None:
+        """Called once the last step is done, before the final evaluation and export (schedules hook in here)."""
 
     # -- evaluation and checkpoints -----------------------------------------------------------------------
 
@@ -512,6 +525,7 @@ class OfflineRun:
         with StopRequest() as stop:
             self._train_steps(bar, writer, stop)
         bar.close()
+        self.finish_training()
         self.eval_record["after"] = self.evaluate()
         if self.eval_record["after"]:  # (a finished run resumed evaluates its last step again: keep one entry)
             self.eval_record["history"] = [h for h in self.eval_record["history"] if h["step"] != self.state["step"]]
@@ -531,9 +545,14 @@ class OfflineRun:
 
 
 def train(config: Config) -> RunResult:
-    """Runs ``config`` under its schedule: ``offline`` (this module) or ``apo`` (preflab.train.apo)."""
+    """Runs ``config`` under its schedule: ``offline`` (this module), ``apo`` (preflab.train.apo) or ``ofs``
+    (preflab.train.ofs)."""
     if config.schedule == "apo":
         from .apo import ApoRun
 
         return ApoRun(config).run()
+    if config.schedule == "ofs":
+        from .ofs import OfsRun
+
+        return OfsRun(config).run()
     return OfflineRun(config).run()

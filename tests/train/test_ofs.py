@@ -1,0 +1,107 @@
+"""The OFS-DPO schedule on a tiny model: the α = 0 reduction, role swaps at window boundaries, exact resume,
+an exported leader that plain PEFT loads."""
+
+import json
+
+import pytest
+import torch
+from conftest import sentiment_rows, train_until_killed, write_jsonl
+from safetensors.torch import load_file
+
+from preflab.config import ConfigError, load_config
+from preflab.train.loop import train
+from preflab.train.ofs import OfsRun
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("ofs-data") / "pairs.jsonl", sentiment_rows(12))
+
+
+def _config(model_dir, data, out, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"data.train={data}", f"output_dir={out}",
+                              "schedule=ofs", "train.progress=false", "train.warmup_ratio=0", "diag.enabled=false",
+                              "train.batch_size=4", "train.lr=5e-3", "parametrization.kind=lora",
+                              "parametrization.r=4", "parametrization.dropout=0", *extra])
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _modules(run_dir):
+    state = load_file(sorted((run_dir / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+    return ({k: v for k, v in state.items() if k.endswith(".fast")}, {k: v for k, v in state.items()
+                                                                        if k.endswith(".slow")})
+
+
+def test_without_chasing_and_at_equal_speed_the_modules_stay_identical(tiny_model_dir, data, tmp_path):
+    train(_config(tiny_model_dir, data, tmp_path / "run", "train.max_steps=5", "ofs.alpha=0",
+                  "ofs.slow_lr_ratio=1", "ofs.swap_interval=2"))
+    fast, slow = _modules(tmp_path / "run")
+    assert len(fast) == len(slow) > 0
+    for name, value in fast.items():
+        assert torch.equal(value, slow[name[:-len("fast")] + "slow"]), name
+    records = _records(tmp_path / "run")
+    assert all(r["ofs/loss_fast"] == r["ofs/loss_slow"] and r["ofs/gap"] == 0 for r in records)
+    assert records[-1]["ofs/margin_fast"] > 0 and records[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+
+
+def test_roles_follow_the_window_losses_and_the_leader_is_exported(tiny_model_dir, data, tmp_path, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from preflab.data.collate import collate_pairs
+    from preflab.data.dataset import load_pairs
+    from preflab.data.tokenize import PairTokenizer
+    from preflab.models.scorer import SequenceScorer
+
+    config = _config(tiny_model_dir, data, tmp_path / "run", "train.max_steps=9", "ofs.swap_interval=2",
+                     "ofs.alpha=0.5", "ofs.slow_lr_ratio=3")  # the "slow" module learns faster: it takes the lead
+    run = OfsRun(config)
+    run.run()
+    records = _records(tmp_path / "run")
+    leader = "fast"
+    for r in records:  # recompute the rule from the logged window losses
+        if r["step"] % 2 == 0:
+            window = [x for x in records if r["step"] - 2 < x["step"] <= r["step"]]
+            fast = sum(x["ofs/loss_fast"] for x in window)
+            slow = sum(x["ofs/loss_slow"] for x in window)
+            leader = "fast" if fast <= slow else "slow"
+        assert r["ofs/leader"] == ("fast", "slow").index(leader), r["step"]
+    assert records[-1]["ofs/swaps"] >= 1  # the lead did change hands in this run
+    assert {"ofs/gap", "ofs/push", "ofs/margin_fast", "ofs/margin_slow", "ofs/grad_norm_fast",
+            "ofs/swaps"} <= set(records[-1])
+    exported = run.roles.leader  # after the final check on the partial window (step 9)
+    pairs, _ = load_pairs(data, "train", PairTokenizer(tokenizer), limit=4)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad(), run.param.pair.routed(exported) as model:
+        want, _ = SequenceScorer(model)(**batch.scorer_inputs())
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       tmp_path / "run" / "final").eval()
+    with torch.no_grad():
+        got, _ = SequenceScorer(loaded)(**batch.scorer_inputs())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_killed_run_resumes_to_the_same_modules_and_roles(tiny_model_dir, data, tmp_path, monkeypatch):
+    """(with the fused forward: the other tests run the two-forward default)"""
+    extra = ["train.max_steps=7", "train.save_steps=2", "ofs.swap_interval=3", "ofs.alpha=0.5",
+             "ofs.fused_forward=true", "train.lr_scheduler=cosine"]
+    train(_config(tiny_model_dir, data, tmp_path / "straight", *extra))
+    train_until_killed(_config(tiny_model_dir, data, tmp_path / "killed", *extra), 5, monkeypatch)
+    train(_config(tiny_model_dir, data, tmp_path / "killed", *extra))
+    for a, b in zip(_modules(tmp_path / "straight"), _modules(tmp_path / "killed")):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    straight, resumed = _records(tmp_path / "straight"), _records(tmp_path / "killed")
+    assert [r["ofs/leader"] for r in straight] == [r["ofs/leader"] for r in resumed]
+    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
+
+
+def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path):
+    with pytest.raises(ConfigError, match="parametrization.kind=lora"):
+        OfsRun(load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", "schedule=ofs",
+                                  f"output_dir={tmp_path / 'a'}", "parametrization.kind=full"]))
+    with pytest.raises(ConfigError, match="fused_forward=true"):
+        OfsRun(_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true"))
