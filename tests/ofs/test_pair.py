@@ -88,3 +88,17 @@ def test_a_module_exports_as_a_plain_peft_adapter(tokenizer, batch, tmp_path):
         want, _ = SequenceScorer(model)(**batch.scorer_inputs())
         got, _ = SequenceScorer(loaded)(**batch.scorer_inputs())
     assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_merged_model_is_the_resting_module_folded_in(tokenizer, batch):
+    from preflab.ofs.pair import FastSlowPair
+
+    param = FastSlowPair(make_tiny_model(tokenizer, seed=6), r=4, alpha=8)
+    _randomize(param.pair, 2)
+    param.rest_on("slow")
+    merged = param.merged_model()
+    assert not any(type(m).__name__ == "TwoLoraLinear" for m in merged.modules())
+    with torch.no_grad():
+        want, _ = SequenceScorer(param.model)(**batch.scorer_inputs())  # outside a route: the resting module
+        got, _ = SequenceScorer(merged)(**batch.scorer_inputs())
+    assert_close(got, want, atol=1e-4, rtol=0)
