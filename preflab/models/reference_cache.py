@@ -74,6 +74,10 @@ class ReferenceCache:
         self.values: dict[bytes, tuple[float, float]] = {}
         self.own: set[bytes] = set()  # the entries this file holds: read from it or added here
         self.dirty = False
+        self.read()
+
+    def read(self) -> None:
+        """Adds the entries of every file of this model's directory (other processes' and runs' included)."""
         for file in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
             try:
                 data = load_file(file)

@@ -37,7 +37,6 @@ from torch import Tensor
 from ..config import Config, ConfigError
 from ..data.build import BuildConfig, build_pairs
 from ..eval.generation import GenerationEvaluator
-from ..eval.preference import score_pairs
 from ..models.generate import SamplingConfig
 from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
@@ -145,12 +144,11 @@ class ApoRun:
 
     def kl_to_prev(self, run: OfflineRun) -> float:
         """KL(π_t ‖ π̂_{t+1}) estimated on the iteration's pair responses (samples of π_t: its best and worst)."""
-        sc = self.config.scorer
-        how = (self.config.train.eval_batch_size, run.pad_id, run.accelerator.device, sc.layout, sc.pack_tokens)
+        chunk = self.config.scorer.chunk_size
         with torch.no_grad(), eval_mode(run.param.model):
-            policy = score_pairs(SequenceScorer(run.param.model, sc.chunk_size), run.train_pairs, *how)
+            policy = run.score(SequenceScorer(run.param.model, chunk), run.train_pairs)
             with run.param.reference() as ref, eval_mode(ref):
-                ref_logps = score_pairs(SequenceScorer(ref, sc.chunk_size), run.train_pairs, *how)
+                ref_logps = run.score(SequenceScorer(ref, chunk), run.train_pairs)
         diffs = torch.cat([ref_logps.chosen - policy.chosen, ref_logps.rejected - policy.rejected])
         return diffs.mean().item()
 

@@ -289,7 +289,7 @@ class OfflineRun:
             self.reference_logps(chunk, self.collate(chunk))
         self.ref_cache.save()
         self.accelerator.wait_for_everyone()
-        self.ref_cache = self._open_reference_cache()
+        self.ref_cache.read()  # the other processes' shares
         log.info("reference log-probs of %d pairs computed in %.1f s", len(todo), time.perf_counter() - t0)
 
     def _nonfinite(self, what: str, indices: list[int]) -> None:
@@ -400,19 +400,23 @@ class OfflineRun:
 
     # -- evaluation and checkpoints -----------------------------------------------------------------------
 
+    def score(self, scorer: torch.nn.Module, pairs: list) -> SequenceLogps:
+        """Gradient-free log-probs of ``pairs`` in eval batches and the configured layout."""
+        sc = self.config.scorer
+        return score_pairs(scorer, pairs, self.config.train.eval_batch_size, self.pad_id, self.accelerator.device,
+                           sc.layout, sc.pack_tokens)
+
     def evaluate(self, policy_is_reference: bool = False) -> dict | None:
         if not self.eval_pairs:
             return None
-        sc = self.config.scorer
-        how = (self.config.train.eval_batch_size, self.pad_id, self.accelerator.device, sc.layout, sc.pack_tokens)
         if self._eval_reference is None:
             with self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
-                self._eval_reference = score_pairs(SequenceScorer(ref, sc.chunk_size), self.eval_pairs, *how)
+                self._eval_reference = self.score(SequenceScorer(ref, self.config.scorer.chunk_size), self.eval_pairs)
         if policy_is_reference:
             policy = self._eval_reference
         else:
             with eval_mode(self.scorer), self.accelerator.autocast():
-                policy = score_pairs(self.scorer, self.eval_pairs, *how)
+                policy = self.score(self.scorer, self.eval_pairs)
         return preference_metrics(self.objective, policy, self._eval_reference)
 
     def measure_probe(self, log_grad_ratio: float | None) -> dict:
