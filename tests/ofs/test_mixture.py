@@ -1,0 +1,125 @@
+"""Stored LoRA modules on a live model (COFS-DPO): weights (1, 0) give module 1, a combination equals its folded
+dense weights and its exported PEFT adapter, folding then adding B = 0 modules changes nothing; the weight search."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_model, sentiment_rows
+from torch.testing import assert_close
+
+from preflab.data.collate import collate_pairs
+from preflab.data.formats import normalize_row
+from preflab.data.tokenize import PairTokenizer
+from preflab.models.scorer import SequenceScorer
+from preflab.ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
+from preflab.ofs.pair import FastSlowLora
+from preflab.ofs.weights import grid_choice, pgd_choice
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    pt = PairTokenizer(tokenizer)
+    rows = sentiment_rows(4)
+    return collate_pairs([pt(normalize_row(r, f"row {i}")) for i, r in enumerate(rows)], tokenizer.pad_token_id,
+                         "shared")
+
+
+@pytest.fixture(scope="module")
+def modules(tokenizer, tmp_path_factory):
+    """Two trained-looking modules of ranks 4 and 2 on one tiny base, saved as PEFT adapters."""
+    base = make_tiny_model(tokenizer, seed=3)
+    out = tmp_path_factory.mktemp("modules")
+    g = torch.Generator().manual_seed(0)
+    for i, (r, alpha) in enumerate([(4, 8.0), (2, 6.0)]):
+        pair = FastSlowLora(copy.deepcopy(base), r=r, alpha=alpha)
+        with torch.no_grad():
+            for layer in pair.layers.values():
+                layer.lora_B["fast"].copy_(torch.randn(layer.lora_B["fast"].shape, generator=g) * 0.1)
+        pair.save_adapter("fast", out / f"m{i}")
+    return base, [out / "m0", out / "m1"]
+
+
+def _logps(model, batch):
+    with torch.no_grad():
+        return SequenceScorer(model.eval())(**batch.scorer_inputs())[0]
+
+
+def _peft(base, path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+
+
+def test_unit_weights_give_each_module_and_none_gives_the_base(modules, batch):
+    base, paths = modules
+    atoms = [read_lora_adapter(p) for p in paths]
+    model = copy.deepcopy(base)
+    mixture = AtomMixture(model, atoms)
+    mixture.set(None)
+    assert torch.equal(_logps(model, batch), _logps(base, batch))
+    for i, w in enumerate(([1.0, 0.0], [0.0, 1.0])):
+        mixture.set(torch.tensor(w))
+        # summed log-probs near −75: 1e-6 relative is a few fp32 ulps (a different summation order than PEFT's)
+        assert_close(_logps(model, batch), _logps(_peft(base, paths[i]), batch), atol=0, rtol=1e-6)
+    assert not torch.equal(_logps(model, batch), _logps(base, batch))
+
+
+def test_a_combination_equals_its_folded_weights_and_its_exported_adapter(modules, batch, tmp_path):
+    base, paths = modules
+    atoms = [read_lora_adapter(p) for p in paths]
+    coeffs = [0.3, 0.7]
+    model = copy.deepcopy(base)
+    AtomMixture(model, atoms).set(torch.tensor(coeffs))
+    want = _logps(model, batch)
+    dense = copy.deepcopy(base)
+    fold_into(dense, atoms, coeffs)
+    assert_close(_logps(dense, batch), want, atol=1e-5, rtol=0)
+    assert save_concat_adapter(atoms, coeffs, tmp_path / "c", None) == 6  # r = 4 + 2
+    assert_close(_logps(_peft(base, tmp_path / "c"), batch), want, atol=1e-5, rtol=0)
+    assert save_concat_adapter(atoms, [1.0, 0.0], tmp_path / "one", None) == 4  # the zero-weight module dropped
+    assert_close(_logps(_peft(base, tmp_path / "one"), batch), _logps(_peft(base, paths[0]), batch), atol=0,
+                 rtol=1e-6)
+
+
+def test_folding_a_combination_then_adding_fresh_modules_changes_nothing(modules, batch):
+    base, paths = modules
+    atoms = [read_lora_adapter(paths[0])]
+    dense = copy.deepcopy(base)
+    fold_into(dense, atoms, [1.0])  # D = 1: the combination is the module itself
+    pair = FastSlowLora(dense, r=4, alpha=8)  # B = 0
+    with pair.routed("fast") as model:
+        assert_close(_logps(model, batch), _logps(_peft(base, paths[0]), batch), atol=1e-5, rtol=0)
+
+
+def test_the_grid_picks_the_module_better_on_every_pair_and_breaks_ties_to_the_newest():
+    g = torch.Generator().manual_seed(0)
+    m2 = torch.randn(16, generator=g)
+    m1 = m2 + 0.5 + torch.rand(16, generator=g)  # module 1's margin is larger on every pair
+
+    def dpo_loss(w):  # the margin of θ₀ + C(w) is linear in w
+        return -torch.nn.functional.logsigmoid(w[0] * m1 + w[1] * m2).mean().item()
+
+    choice = grid_choice(dpo_loss, 2, 0.1)
+    assert choice.weights == (1.0, 0.0) and len(choice.tried) == 11
+    assert choice.objective == min(t["objective"] for t in choice.tried)
+    assert grid_choice(lambda w: 1.0, 3, 0.5).weights == (0.0, 0.0, 1.0)  # all tied: the newest module
+    accuracy = grid_choice(lambda w: float(w[1] > 0.35), 2, 0.1, maximize=True)
+    assert accuracy.weights == (0.0, 1.0)
+
+
+def test_projected_gradient_descent_finds_the_constrained_minimum():
+    target = torch.tensor([0.7, 0.6, -0.4], dtype=torch.float64)  # off the simplex; its projection is (0.55, 0.45, 0)
+
+    def loss_and_grad(w):
+        loss = ((w - target) ** 2).sum()
+        loss.backward()
+        return loss.item()
+
+    sgd = pgd_choice(loss_and_grad, 3, steps=100, lr=0.1, optimizer="sgd")
+    assert sgd.weights == pytest.approx((0.55, 0.45, 0.0), abs=1e-6) and len(sgd.tried) == 101
+    # Adam (the spec's reading) stays on the simplex and improves on the uniform start, but stalls on the face
+    adam = pgd_choice(loss_and_grad, 3, steps=50, lr=0.05)
+    assert sum(adam.weights) == pytest.approx(1.0) and min(adam.weights) >= 0 and adam.weights[2] == 0
+    assert adam.objective < adam.tried[0]["objective"] - 0.5
+    assert sgd.objective <= adam.objective
