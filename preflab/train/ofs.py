@@ -7,17 +7,23 @@ backward. One AdamW with a parameter group per module (fast: ``train.lr``, slow:
 scheduler scales both alike), gradients clipped per module (``ofs.clip_scope``). Every ``ofs.swap_interval``
 steps the module with the lower mean DPO loss over the window leads. Between steps the leader is the policy
 that evaluation, generation and the checkpoints' metrics see; ``final/`` is a plain PEFT adapter of the leader
-after a last check on the partial window (``ofs.export`` picks a module instead). Checkpoints hold both modules,
-the optimizer state of both groups and the role state: resume is exact. The spec is ../methods/ofs-cofs.md.
+after a last check on the partial window (``ofs.export`` picks a module instead; ``best_val_fast``: the fast module
+at its lowest held-out loss, kept in ``best_fast/`` at each evaluation after step 0 — COFS-DPO's choice of a
+domain's module). Checkpoints hold both modules, the optimizer state of both groups, the role state and the best
+evaluation so far: resume is exact. Under DDP the fused forward is required (DDP synchronises one forward per
+backward). The spec is ../methods/ofs-cofs.md.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 from contextlib import nullcontext
 
 import torch
+from safetensors.torch import load_file
 
 from ..config import Config, ConfigError
 from ..losses import PairLogps
@@ -26,12 +32,13 @@ from ..ofs.pair import MODULES, FastSlowPair, duplicate_rows
 from .loop import OfflineRun
 from .metrics import pair_metrics
 
+log = logging.getLogger(__name__)
 
 class OfsRun(OfflineRun):
     def __init__(self, config: Config):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("schedule: ofs runs in one process for now (its two forwards per step are not "
-                              "DDP-safe yet); launch it without accelerate/torchrun")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not config.ofs.fused_forward:
+            raise ConfigError("schedule: ofs under several processes needs ofs.fused_forward=true (DDP synchronises "
+                              "one forward per backward; the routed forward runs both modules in one)")
         if config.parametrization.name != "lora":
             raise ConfigError(f"schedule: ofs trains a pair of LoRA modules; parametrization.kind is "
                               f"{config.parametrization.name!r} (set parametrization.kind=lora)")
@@ -79,7 +86,7 @@ class OfsRun(OfflineRun):
             return PairLogps(logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:])
 
         logps = {}
-        with self.accelerator.autocast():
+        with (nullcontext() if sync else self.accelerator.no_sync(self.scorer)), self.accelerator.autocast():
             rows = batch.input_ids.shape[0]
             if oc.fused_forward:
                 with pair.routed("split", rows):
@@ -134,8 +141,57 @@ class OfsRun(OfflineRun):
             self.roles.load_state_dict(self.state["ofs_roles"])
         self._settle()
 
+    # -- ofs.export: best_val_fast --------------------------------------------------------------------------
+
+    def evaluate(self, policy_is_reference: bool = False) -> dict | None:
+        result = super().evaluate(policy_is_reference)
+        if result is None or policy_is_reference or self.config.ofs.export != "best_val_fast":
+            return result
+        fast = result
+        if self.param.resting != "fast":
+            resting = self.param.resting
+            self.param.rest_on("fast")
+            try:
+                fast = super().evaluate()
+            finally:
+                self.param.rest_on(resting)
+        result = {**result, "ofs/fast_loss": fast["loss"]}
+        best = self.state.get("ofs_best_fast")
+        if best is None or fast["loss"] < best["loss"]:
+            if self.accelerator.is_main_process:
+                out, tmp = self.run_dir / "best_fast", self.run_dir / ".best_fast.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.param.pair.save_adapter("fast", tmp)
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp, out)
+            self.state["ofs_best_fast"] = {"step": self.state["step"], "loss": fast["loss"]}
+        return result
+
+    def _load_best_fast(self) -> None:
+        """Puts the best evaluated fast module (``best_fast/``) into the fast slot."""
+        best = self.state.get("ofs_best_fast")
+        if best is None:
+            log.warning("ofs.export=best_val_fast: no held-out evaluation after step 0 (data.eval missing?); "
+                        "exporting the final fast module")
+            return
+        saved = load_file(self.run_dir / "best_fast" / "adapter_model.safetensors")
+        with torch.no_grad():
+            for name, layer in self.param.pair.layers.items():
+                for kind in ("lora_A", "lora_B"):
+                    getattr(layer, kind)["fast"].copy_(saved[f"base_model.model.{name}.{kind}.weight"])
+        log.info("ofs.export=best_val_fast: the fast module of step %d (held-out loss %.4f)", best["step"],
+                 best["loss"])
+
     def finish_training(self) -> None:
         self.roles.decide()  # the last, partial window counts too
         self._settle()
-        if self.config.ofs.export != "leader":
-            self.param.rest_on(self.config.ofs.export)
+        export = self.config.ofs.export
+        if export == "best_val_fast":
+            # the last step is a candidate too; afterwards the fast slot holds the best module (training is over),
+            # which the final evaluation ("after") then measures
+            if self.eval_pairs:
+                self.evaluate()
+            self._load_best_fast()
+            self.param.rest_on("fast")
+        elif export != "leader":
+            self.param.rest_on(export)

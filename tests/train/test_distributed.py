@@ -23,16 +23,25 @@ def _free_port() -> int:
 
 
 def _args(model_dir, data, out, batch_size, kind):
-    return [f"model.name={model_dir}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
+    args = [f"model.name={model_dir}", f"data.train={data}", "data.eval=null", f"output_dir={out}",
             "train.progress=false", "train.warmup_ratio=0", "diag.enabled=false", f"train.batch_size={batch_size}",
             "train.lr=1e-2", "train.max_steps=4", f"parametrization.kind={kind}"]
+    if kind == "ofs":  # the fast/slow pair, one routed forward per step; "slow" 3× faster so that roles can swap
+        args[-1] = "parametrization.kind=lora"
+        args += ["schedule=ofs", "ofs.fused_forward=true", "parametrization.dropout=0", "ofs.swap_interval=2",
+                 "ofs.slow_lr_ratio=3"]
+    return args
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in _records(run_dir)]
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "full", "ofs"])
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, kind):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(11))  # 11 pairs: the epoch's last batch is uneven
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -46,6 +55,10 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
     ddp, single = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
     assert len(ddp) == len(single) == 4  # one metrics file (the main process writes alone)
     assert ddp == pytest.approx(single, abs=1e-5)
+    if kind == "ofs":  # both modules' losses, and the roles every process decided alike
+        for key in ("ofs/loss_fast", "ofs/loss_slow", "ofs/leader"):
+            assert [r[key] for r in _records(tmp_path / "ddp")] == pytest.approx(
+                [r[key] for r in _records(tmp_path / "single")], abs=1e-5), key
     a = load_file(list_checkpoints(tmp_path / "ddp")[-1] / "trainable.safetensors")
     b = load_file(list_checkpoints(tmp_path / "single")[-1] / "trainable.safetensors")
     assert a.keys() == b.keys()

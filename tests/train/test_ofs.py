@@ -99,9 +99,12 @@ def test_a_killed_run_resumes_to_the_same_modules_and_roles(tiny_model_dir, data
     assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
 
 
-def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path):
+def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="parametrization.kind=lora"):
         OfsRun(load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", "schedule=ofs",
                                   f"output_dir={tmp_path / 'a'}", "parametrization.kind=full"]))
     with pytest.raises(ConfigError, match="fused_forward=true"):
         OfsRun(_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is needed
+    with pytest.raises(ConfigError, match="several processes needs ofs.fused_forward=true"):
+        OfsRun(_config(tiny_model_dir, data, tmp_path / "c"))
