@@ -46,6 +46,8 @@ def _print_summary(result) -> None:
         from .eval.generation import format_table
 
         print(format_table(result.generation))
+    if result.table:
+        print(result.table)
     print(f"run directory: {result.run_dir} (final model in {result.run_dir / 'final'})")
 
 

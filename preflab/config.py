@@ -38,6 +38,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class DomainConfig:
+    """One domain of a multi-domain schedule (``data.domains``): its own training and held-out pairs, and the task
+    whose gold reward scores it. A plain string ``NAME`` means ``builtin:NAME`` for both splits and task ``NAME``."""
+
+    name: str
+    train: str
+    eval: str | None = None
+    train_split: str = "train"
+    eval_split: str = "eval"
+    task: str | None = None  # generation eval of the domain (gold reward); null: held-out preference accuracy only
+
+    @classmethod
+    def from_str(cls, text: str) -> DomainConfig:
+        from .tasks import task_names
+
+        return cls(text, f"builtin:{text}", f"builtin:{text}", task=text if text in task_names() else None)
+
+    def __post_init__(self) -> None:
+        from .tasks import task_names
+
+        if self.task is not None and self.task not in task_names():
+            raise ValueError(f"task: unknown task {self.task!r}; expected one of {task_names()}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train: str = "builtin:sentiment"  # builtin:NAME, a .jsonl/.json/.csv/.parquet file, a dataset dir, a hub name
     eval: str | None = "builtin:sentiment"  # held-out pairs; null for none
@@ -49,8 +74,12 @@ class DataConfig:
     on_error: str = field(default="strict", metadata={"choices": ("strict", "skip")})
     max_train_pairs: int | None = None  # first N rows only (after validation)
     max_eval_pairs: int | None = None
+    domains: tuple[DomainConfig, ...] = ()  # ordered domains of schedule: cofs (train/eval above are then unused)
 
     def __post_init__(self) -> None:
+        names = [d.name for d in self.domains]
+        if len(set(names)) != len(names):
+            raise ValueError(f"domains: names must differ, got {names}")
         if self.max_length < 2:
             raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
         if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
@@ -211,7 +240,9 @@ class OfsConfig:
     slow_lr_ratio: float = 0.1  # slow module's lr = train.lr × this
     swap_interval: int = 50  # K: optimizer steps per window; the lower mean DPO loss leads
     beta: float | None = None  # β of the margins in the chasing term; null: the first loss term's beta
-    export: str = field(default="leader", metadata={"choices": ("leader", "fast", "slow")})
+    # leader | fast | slow at the end; best_val_fast: the fast module at its lowest held-out loss among the
+    # evaluations after step 0 (every train.eval_steps and the last step)
+    export: str = field(default="leader", metadata={"choices": ("leader", "fast", "slow", "best_val_fast")})
     init_same: bool = True  # both modules start from the same A (and B = 0)
     chase_stopgrad: bool = True  # false: no stop-gradients (the two terms then cancel exactly)
     gap_clamp: float | None = None  # bound on |h_F − h_S| inside the chasing term
@@ -225,6 +256,33 @@ class OfsConfig:
                              f"{self.slow_lr_ratio}, {self.swap_interval}")
         if self.gap_clamp is not None and self.gap_clamp <= 0:
             raise ValueError(f"gap_clamp: must be > 0 or null, got {self.gap_clamp}")
+
+
+@dataclass(frozen=True)
+class CofsConfig:
+    """Continual alignment over ``data.domains`` (``schedule: cofs``, preflab.train.cofs). ``arm`` picks COFS-DPO or
+    one of its baselines, so that a comparison is one config change. The spec is ../methods/ofs-cofs.md §2."""
+
+    # cofs: OFS per domain, the domains' best fast modules combined; sequential_ofs / sequential_dpo: each domain
+    # continues from the previous one's model; joint_dpo: DPO on all domains at once (upper bound)
+    arm: str = field(default="cofs", metadata={"choices": ("cofs", "sequential_ofs", "sequential_dpo", "joint_dpo")})
+    select: str = field(default="best_val_fast", metadata={"choices": ("best_val_fast", "final_leader", "final_fast")})
+    buffer_size: int = 128  # replay pairs kept per domain (uniform sample, seeded)
+    replay_in_training: bool = False  # true: a domain also trains on the earlier domains' buffers
+    init: str = field(default="from_combined", metadata={"choices": ("from_combined", "fresh")})
+    select_metric: str = field(default="dpo_loss", metadata={"choices": ("dpo_loss", "pref_acc")})
+    grid_max_domains: int = 3  # up to this many modules: simplex grid; more: projected gradient descent
+    grid_step: float = 0.1
+    pgd_steps: int = 50
+    pgd_lr: float = 0.05
+    pgd_optimizer: str = field(default="adam", metadata={"choices": ("adam", "sgd")})  # sgd: plain projected GD
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1 or self.grid_max_domains < 1 or self.pgd_steps < 1 or self.pgd_lr <= 0:
+            raise ValueError("buffer_size, grid_max_domains, pgd_steps: must be >= 1 and pgd_lr > 0")
+        n = round(1 / self.grid_step) if self.grid_step > 0 else 0
+        if n < 1 or abs(n * self.grid_step - 1) > 1e-9:
+            raise ValueError(f"grid_step: must divide 1 (0.1, 0.25, 0.5, ...), got {self.grid_step}")
 
 
 @dataclass(frozen=True)
@@ -286,7 +344,7 @@ class Config:
     output_dir: str = "runs/dpo"
     seed: int = 0
     resume: str = "auto"  # auto: continue from the run directory's last checkpoint; never; or a checkpoint path
-    schedule: str = field(default="offline", metadata={"choices": ("offline", "apo", "ofs")})  # the outer loop
+    schedule: str = field(default="offline", metadata={"choices": ("offline", "apo", "ofs", "cofs")})  # the outer loop
     model: ModelConfig = field(default_factory=ModelConfig)
     parametrization: Component = field(default=None)  # type: ignore[assignment]
     loss: tuple[Component, ...] = ()
@@ -297,7 +355,8 @@ class Config:
     diag: DiagConfig = field(default_factory=DiagConfig)  # 3D-properties diagnostics
     optim: OptimConfig = field(default_factory=OptimConfig)
     apo: ApoConfig = field(default_factory=ApoConfig)  # schedule: apo
-    ofs: OfsConfig = field(default_factory=OfsConfig)  # schedule: ofs
+    ofs: OfsConfig = field(default_factory=OfsConfig)  # schedule: ofs (and cofs's OFS arms)
+    cofs: CofsConfig = field(default_factory=CofsConfig)  # schedule: cofs
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -402,6 +461,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise ConfigError(f"{path}: expected a string, got {_show(value)}")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and hasattr(tp, "from_str"):
+            try:
+                return tp.from_str(value)
+            except ValueError as e:
+                raise ConfigError(f"{path}.{e}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
         return _build(tp, value, path)

@@ -65,6 +65,7 @@ class RunResult:
     before: dict | None
     after: dict | None
     generation: dict | None = None
+    table: str | None = None  # a schedule's own summary (cofs: the forgetting matrix)
 
 
 def _resume_path(config: Config, run_dir: Path) -> Path | None:
@@ -549,8 +550,8 @@ class OfflineRun:
 
 
 def train(config: Config) -> RunResult:
-    """Runs ``config`` under its schedule: ``offline`` (this module), ``apo`` (preflab.train.apo) or ``ofs``
-    (preflab.train.ofs)."""
+    """Runs ``config`` under its schedule: ``offline`` (this module), ``apo`` (preflab.train.apo), ``ofs``
+    (preflab.train.ofs) or ``cofs`` (preflab.train.cofs)."""
     if config.schedule == "apo":
         from .apo import ApoRun
 
@@ -559,4 +560,8 @@ def train(config: Config) -> RunResult:
         from .ofs import OfsRun
 
         return OfsRun(config).run()
+    if config.schedule == "cofs":
+        from .cofs import DomainsRun
+
+        return DomainsRun(config).run()
     return OfflineRun(config).run()

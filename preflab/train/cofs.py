@@ -1,0 +1,374 @@
+"""Continual alignment over ordered domains (``schedule: cofs``): COFS-DPO and its baselines.
+
+``data.domains`` lists the domains in order; ``cofs.arm`` picks what runs over them (spec ../methods/ofs-cofs.md §2):
+
+- ``cofs``: per domain d, OFS-DPO (``preflab.train.ofs``) whose export is the domain's module φ*_d (``cofs.select``;
+  default the fast module at its lowest held-out loss). With ``cofs.init: from_combined`` it trains on top of the
+  previous combination folded into the weights, so its full delta is D_d = C_{d−1} + ΔW(φ*_d); with ``fresh`` on
+  θ₀, D_d = ΔW(φ*_d). The weights w on the simplex that minimise the objective (or maximise preference accuracy) on
+  the union of the domains' replay buffers, policy θ₀ + Σ w_j D_j and reference θ₀, give C_d. Every D_j and C_d
+  is a coefficient vector over the stored LoRA products ("atoms"), combined exactly
+  (:mod:`preflab.ofs.combine`), never factor by factor.
+- ``sequential_ofs`` / ``sequential_dpo``: each domain trains on the previous domain's model (the reference is the
+  model it starts from, as for COFS's ``from_combined``) — no combination.
+- ``joint_dpo``: one DPO run on all domains' pairs together (the upper bound), ``train.max_steps`` × D steps.
+
+Layout of ``output_dir``: ``stage-<d>-<name>/`` with ``buffer.jsonl`` (the replay rows), ``train/`` (the inner run,
+resumable by checkpoint), ``combine.json`` and ``combined/`` (COFS: the candidates tried, the chosen weights, the
+combination as one PEFT adapter on θ₀), ``model/`` (the stage's model, dense), ``eval.json`` (every domain's held-out
+preference metrics and gold reward, against θ₀) and ``done.json`` last; a rerun skips finished stages. At the end,
+``matrix.json`` (the forgetting matrix, average final score, average forgetting), one ``cofs/`` record per stage in
+``metrics.jsonl``, and ``final/`` (the last model, plain ``transformers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import random
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, DomainConfig
+from ..data.collate import collate_pairs
+from ..data.dataset import load_pairs
+from ..data.sources import read_rows
+from ..data.tokenize import PairTokenizer
+from ..eval.generation import GenerationEvaluator
+from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
+from ..losses import PairLogps, build_objective
+from ..models.loader import load_model, load_tokenizer
+from ..models.scorer import SequenceScorer
+from ..ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
+from ..ofs.weights import grid_choice, pgd_choice
+from .apo import _save_model_atomically
+from .loop import OfflineRun, RunResult, _write_json, eval_mode, record_config
+
+log = logging.getLogger(__name__)
+
+SELECT_EXPORT = {"best_val_fast": "best_val_fast", "final_leader": "leader", "final_fast": "fast"}
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _rows(source: str, split: str) -> list[dict]:
+    return [r.data for r in read_rows(source, split) if r.data is not None]
+
+
+def _interleave(groups: list[list[dict]]) -> list[dict]:
+    """Round-robin over the groups, so that the first N rows hold every group (data.max_*_pairs)."""
+    out = []
+    for i in range(max(map(len, groups))):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
+def forgetting_summary(names: list[str], scores: list[dict[str, float]]) -> dict:
+    """``scores[k][name]``: the held-out score of each domain after stage k. Average final score over all domains;
+    average forgetting over the domains before the last: the best score a domain had after its own stage minus its
+    final score."""
+    final = scores[-1]
+    out = {"average_final": sum(final[n] for n in names) / len(names)}
+    if len(scores) == len(names) and len(names) > 1:
+        drops = [max(scores[k][n] for k in range(j, len(names) - 1)) - final[n] for j, n in enumerate(names[:-1])]
+        out["average_forgetting"] = sum(drops) / len(drops)
+        out["forgetting"] = dict(zip(names[:-1], drops))
+    return out
+
+
+class DomainsRun:
+    """One ``schedule: cofs`` run; :meth:`run` does (or finishes) every stage."""
+
+    def __init__(self, config: Config):
+        self.config, self.cc = config, config.cofs
+        self.run_dir = Path(config.output_dir)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("schedule: cofs runs in one process for now (like its OFS stages); launch it without "
+                              "accelerate/torchrun")
+        self.domains: tuple[DomainConfig, ...] = config.data.domains
+        if not self.domains:
+            raise ConfigError("data.domains: schedule: cofs needs the ordered domains, e.g. "
+                              "data.domains=[sentiment, format, concision]")
+        missing = [d.name for d in self.domains if d.eval is None]
+        if missing:
+            raise ConfigError(f"data.domains: every domain needs held-out pairs (eval) to be scored; {missing} have "
+                              "none")
+        if self.cc.arm == "cofs" and config.parametrization.name != "lora":
+            raise ConfigError("cofs.arm=cofs combines LoRA modules; set parametrization.kind=lora")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_tokenizer(config.model.name)
+        dc = config.data
+        self.pair_tokenizer = PairTokenizer(self.tokenizer, dc.max_length, dc.max_prompt_length, dc.prompt_truncation)
+        self.objective = build_objective([t.to_dict() for t in config.loss])
+        self._base = None
+        self._eval_pairs: dict[str, list] = {}
+        self._eval_reference: dict[str, SequenceLogps] = {}
+        self._evaluators: dict[str, GenerationEvaluator] = {}
+
+    # -- pieces -------------------------------------------------------------------------------------------
+
+    def base(self) -> torch.nn.Module:
+        """θ₀, the reference of every score."""
+        if self._base is None:
+            mc = self.config.model
+            self._base = load_model(mc.name, mc.dtype, mc.attn_implementation).to(self.device).eval()
+            self._base.requires_grad_(False)
+        return self._base
+
+    def stages(self) -> list[DomainConfig]:
+        if self.cc.arm != "joint_dpo":
+            return list(self.domains)
+        return [DomainConfig("joint", "", "")]
+
+    def stage_dir(self, d: int) -> Path:
+        return self.run_dir / f"stage-{d + 1}-{self.stages()[d].name}"
+
+    def start_model(self, d: int) -> str:
+        if d == 0 or (self.cc.arm == "cofs" and self.cc.init == "fresh"):
+            return self.config.model.name
+        return str(self.stage_dir(d - 1) / "model")
+
+    def score(self, model: torch.nn.Module, pairs: list) -> SequenceLogps:
+        sc = self.config.scorer
+        with eval_mode(model):
+            return score_pairs(SequenceScorer(model, sc.chunk_size), pairs, self.config.train.eval_batch_size,
+                               self.tokenizer.pad_token_id, self.device, sc.layout, sc.pack_tokens)
+
+    def load(self, source: str, split: str, limit: int | None = None) -> list:
+        return load_pairs(source, split, self.pair_tokenizer, self.config.data.on_error, limit)[0]
+
+    def write_buffer(self, d: int) -> Path:
+        """The domain's replay buffer: a seeded uniform sample of ``cofs.buffer_size`` training rows."""
+        path = self.stage_dir(d) / "buffer.jsonl"
+        if not path.is_file():
+            domain = self.domains[d]
+            rows = _rows(domain.train, domain.train_split)
+            rng = random.Random(f"cofs-buffer-{self.config.seed}-{d}")
+            keep = sorted(rng.sample(range(len(rows)), min(self.cc.buffer_size, len(rows))))
+            _write_rows([rows[i] for i in keep], path)
+        return path
+
+    def inner_config(self, d: int) -> Config:
+        c, out, arm = self.config, self.stage_dir(d), self.cc.arm
+        dc, tc, ofs = c.data, c.train, c.ofs
+        if arm == "joint_dpo":
+            train = out / "train.jsonl"
+            _write_rows(_interleave([_rows(x.train, x.train_split) for x in self.domains]), train)
+            held_out = out / "eval.jsonl"
+            _write_rows(_interleave([_rows(x.eval, x.eval_split) for x in self.domains]), held_out)
+            data = dataclasses.replace(dc, train=str(train), eval=str(held_out), domains=())
+            tc = dataclasses.replace(tc, max_steps=tc.max_steps and tc.max_steps * len(self.domains))
+        else:
+            domain = self.domains[d]
+            data = dataclasses.replace(dc, train=domain.train, train_split=domain.train_split, eval=domain.eval,
+                                       eval_split=domain.eval_split, domains=())
+            if self.cc.replay_in_training and d > 0:
+                train = out / "train.jsonl"
+                groups = [_rows(domain.train, domain.train_split)]
+                groups += [_rows(str(self.stage_dir(j) / "buffer.jsonl"), "train") for j in range(d)]
+                _write_rows([r for g in groups for r in g], train)
+                data = dataclasses.replace(data, train=str(train))
+        if arm == "cofs":
+            ofs = dataclasses.replace(ofs, export=SELECT_EXPORT[self.cc.select])
+        schedule = "ofs" if arm in ("cofs", "sequential_ofs") else "offline"
+        return dataclasses.replace(
+            c, schedule=schedule, resume="auto", output_dir=str(out / "train"), data=data, train=tc, ofs=ofs,
+            model=dataclasses.replace(c.model, name=self.start_model(d)),
+            eval=dataclasses.replace(c.eval, task=None))  # the driver scores every domain against θ₀
+
+    # -- COFS: choosing and applying the combination ------------------------------------------------------
+
+    def delta_coeffs(self, d: int, previous: list[dict]) -> list[float]:
+        """D_d over the atoms 1..d: e_d, plus C_{d−1} when the module was trained on top of it."""
+        coeffs = [0.0] * (d + 1)
+        if d > 0 and self.cc.init == "from_combined":
+            coeffs[:d] = previous[d - 1]["cofs"]["combined_coeffs"]
+        coeffs[d] = 1.0
+        return coeffs
+
+    def choose_weights(self, modules: list, deltas: list[list[float]], d: int) -> dict:
+        """Weights over D_1..D_{d+1} on the union of the buffers (policy θ₀ + C(w), reference θ₀)."""
+        n = d + 1
+        if n == 1:
+            return {"weights": [1.0], "objective": None, "tried": []}
+        pairs = [p for j in range(n) for p in self.load(str(self.stage_dir(j) / "buffer.jsonl"), "train")]
+        model = load_model(self.config.model.name, self.config.model.dtype,
+                           self.config.model.attn_implementation).to(self.device)
+        mixture = AtomMixture(model, modules)
+        mixture.set(None)
+        reference = self.score(model, pairs)
+        basis = torch.tensor(deltas, dtype=torch.float64)  # (modules, atoms)
+        accuracy = self.cc.select_metric == "pref_acc"
+
+        def metrics(w) -> dict:
+            mixture.set(torch.as_tensor(w, dtype=torch.float64) @ basis)
+            return preference_metrics(self.objective, self.score(model, pairs), reference)
+
+        if n <= self.cc.grid_max_domains:
+            key = "rewards/accuracies" if accuracy else "loss"
+            choice = grid_choice(lambda w: metrics(w)[key], n, self.cc.grid_step, maximize=accuracy)
+        else:
+            choice = pgd_choice(lambda w: self._loss_and_grad(model, mixture, basis, w, pairs, reference, accuracy),
+                                n, self.cc.pgd_steps, self.cc.pgd_lr, maximize=accuracy,
+                                optimizer=self.cc.pgd_optimizer)
+        log.info("cofs stage %d: weights %s (%s %.4f over %d buffer pairs, %d candidates)", n,
+                 [round(w, 4) for w in choice.weights], self.cc.select_metric, choice.objective, len(pairs),
+                 len(choice.tried))
+        return {"weights": list(choice.weights), "objective": choice.objective, "tried": choice.tried,
+                "buffer_pairs": len(pairs)}
+
+    def _loss_and_grad(self, model, mixture, basis, w, pairs, reference, accuracy: bool) -> float:
+        """The mean objective over ``pairs`` at θ₀ + C(w), its gradient accumulated into ``w.grad`` batch by batch."""
+        sc, bs = self.config.scorer, self.config.train.eval_batch_size
+        scorer, n, loss_sum, correct = SequenceScorer(model, sc.chunk_size), len(pairs), 0.0, 0.0
+        with eval_mode(model):
+            for start in range(0, n, bs):
+                idx = list(range(start, min(start + bs, n)))
+                batch = collate_pairs([pairs[i] for i in idx], self.tokenizer.pad_token_id, sc.layout,
+                                      sc.pack_tokens).to(self.device)
+                mixture.set(w @ basis)
+                logps, counts = scorer(**batch.scorer_inputs())
+                b = len(idx)
+                ref_c, ref_r = reference.chosen[idx].to(logps), reference.rejected[idx].to(logps)
+                out = self.objective(PairLogps(logps[:b], logps[b:], ref_c, ref_r, counts[:b], counts[b:]))
+                (out.losses.sum() / n).backward()
+                loss_sum += out.losses.sum().item()
+                correct += ((logps[:b] - ref_c) > (logps[b:] - ref_r)).sum().item()
+        return correct / n if accuracy else loss_sum / n
+
+    def combine(self, d: int, previous: list[dict]) -> tuple[torch.nn.Module, dict]:
+        """C_d from the stored modules; returns θ₀ + C_d (dense) and the stage's ``cofs`` record."""
+        modules = [read_lora_adapter(self.stage_dir(j) / "train" / "final") for j in range(d + 1)]
+        deltas = [previous[j]["cofs"]["delta_coeffs"] for j in range(d)] + [self.delta_coeffs(d, previous)]
+        deltas = [c + [0.0] * (d + 1 - len(c)) for c in deltas]  # over atoms 1..d+1
+        choice = self.choose_weights(modules, deltas, d)
+        combined = [sum(w * c[k] for w, c in zip(choice["weights"], deltas)) for k in range(d + 1)]
+        out = self.stage_dir(d)
+        _write_json(out / "combine.json", {**choice, "delta_coeffs": deltas, "combined_coeffs": combined})
+        shutil.rmtree(out / "combined", ignore_errors=True)
+        rank = save_concat_adapter(modules, combined, out / "combined", self.config.model.name)
+        model = load_model(self.config.model.name, self.config.model.dtype, self.config.model.attn_implementation)
+        fold_into(model, modules, combined)
+        record = {"weights": choice["weights"], "objective": choice["objective"], "delta_coeffs": deltas[-1],
+                  "combined_coeffs": combined, "adapter_rank": rank}
+        return model, record
+
+    # -- scoring ------------------------------------------------------------------------------------------
+
+    def evaluate_domains(self, model: torch.nn.Module) -> dict:
+        """Every domain's held-out preference metrics and (with a task) gold reward, against θ₀."""
+        out = {}
+        for domain in self.domains:
+            if domain.name not in self._eval_pairs:
+                pairs = self.load(domain.eval, domain.eval_split, self.config.data.max_eval_pairs)
+                self._eval_pairs[domain.name] = pairs
+                self._eval_reference[domain.name] = self.score(self.base(), pairs)
+            pairs = self._eval_pairs[domain.name]
+            result = {"preference": preference_metrics(self.objective, self.score(model, pairs),
+                                                       self._eval_reference[domain.name])}
+            if domain.task:
+                if domain.name not in self._evaluators:
+                    cfg = dataclasses.replace(self.config.eval, task=domain.task)
+                    self._evaluators[domain.name] = GenerationEvaluator(self.tokenizer, cfg)
+                with eval_mode(model):
+                    result["generation"] = self._evaluators[domain.name].evaluate(
+                        model, lambda: nullcontext(self.base()))
+                result["score"] = result["generation"]["gold/reward"]
+            else:
+                result["score"] = result["preference"]["rewards/accuracies"]
+            out[domain.name] = result
+            log.info("  %-12s score %.4f  held-out loss %.4f  acc %.3f", domain.name, result["score"],
+                     result["preference"]["loss"], result["preference"]["rewards/accuracies"])
+        return out
+
+    # -- stages -------------------------------------------------------------------------------------------
+
+    def stage(self, d: int, previous: list[dict]) -> dict:
+        out, arm = self.stage_dir(d), self.cc.arm
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("cofs (%s) stage %d/%d: %s from %s", arm, d + 1, len(self.stages()), self.stages()[d].name,
+                 self.start_model(d))
+        if arm != "joint_dpo":
+            self.write_buffer(d)
+        if arm in ("cofs", "sequential_ofs"):
+            from .ofs import OfsRun
+
+            run = OfsRun(self.inner_config(d))
+        else:
+            run = OfflineRun(self.inner_config(d))
+        result: RunResult = run.run()
+        record = {"stage": d + 1, "domain": self.stages()[d].name, "steps": result.steps, "seconds": result.seconds,
+                  "start": self.start_model(d)}
+        if arm == "cofs":
+            del run
+            gc.collect()
+            model, record["cofs"] = self.combine(d, previous)
+        else:
+            model = run.param.merged_model()
+            del run
+            gc.collect()
+        _save_model_atomically(model, self.tokenizer, out / "model")
+        model = model.to(self.device)
+        record["eval"] = self.evaluate_domains(model)
+        record["scores"] = {k: v["score"] for k, v in record["eval"].items()}
+        del model
+        gc.collect()
+        _write_json(out / "eval.json", record["eval"])
+        _write_json(out / "done.json", {k: v for k, v in record.items() if k != "eval"})
+        return record
+
+    def run(self) -> RunResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        record_config(self.config, self.run_dir, None)
+        records: list[dict] = []
+        for d in range(len(self.stages())):
+            done = self.stage_dir(d) / "done.json"
+            if done.is_file():
+                records.append(json.loads(done.read_text()))
+                log.info("cofs stage %d (%s) already done", d + 1, records[-1]["domain"])
+                continue
+            records.append(self.stage(d, records))
+        names = [x.name for x in self.domains]
+        scores = [r["scores"] for r in records]
+        summary = {"arm": self.cc.arm, "domains": names, "stages": [r["domain"] for r in records],
+                   "scores": scores, **forgetting_summary(names, scores)}
+        _write_json(self.run_dir / "matrix.json", summary)
+        steps = 0
+        with (self.run_dir / "metrics.jsonl").open("w") as f:
+            for r in records:
+                steps += r["steps"]
+                line = {"step": steps, "cofs/stage": r["stage"], "cofs/domain": r["domain"],
+                        **{f"cofs/score/{k}": v for k, v in r["scores"].items()}}
+                if "cofs" in r:
+                    line.update({"cofs/weights": r["cofs"]["weights"], "cofs/objective": r["cofs"]["objective"]})
+                f.write(json.dumps(line) + "\n")
+        final = self.run_dir / "final"
+        tmp = self.run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.stage_dir(len(records) - 1) / "model", tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return RunResult(self.run_dir, steps, sum(r["seconds"] for r in records), None, None, None,
+                         f"cofs.arm={self.cc.arm}, score after each stage (gold reward, or implicit accuracy "
+                         f"without a task):\n{format_matrix(summary)}")
+
+
+def format_matrix(summary: dict) -> str:
+    names = summary["domains"]
+    lines = ["after stage    " + "  ".join(f"{n:>12}" for n in names)]
+    for stage, row in zip(summary["stages"], summary["scores"]):
+        lines.append(f"{stage:<14} " + "  ".join(f"{row[n]:>12.4f}" for n in names))
+    lines.append(f"average final score {summary['average_final']:.4f}")
+    if "average_forgetting" in summary:
+        lines.append(f"average forgetting {summary['average_forgetting']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""The multi-domain schedule (``schedule: cofs``) on a tiny model: COFS-DPO's stages, weight choice and exact
+combination, its baselines, the forgetting matrix, resume; OFS's ``export: best_val_fast``."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import sentiment_rows, train_until_killed, write_jsonl
+from torch.testing import assert_close
+
+from preflab.config import ConfigError, load_config
+from preflab.data.collate import collate_pairs
+from preflab.data.dataset import load_pairs
+from preflab.data.tokenize import PairTokenizer
+from preflab.models.loader import load_model
+from preflab.models.scorer import SequenceScorer
+from preflab.train.cofs import DomainsRun, forgetting_summary
+from preflab.train.loop import OfflineRun, train
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("domains")
+    a = write_jsonl(root / "a.jsonl", sentiment_rows(16))
+    # domain b prefers what a rejects: the two pull apart, so the combination has something to weigh
+    b = write_jsonl(root / "b.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                                       for r in sentiment_rows(16, 100)])
+    return f"data.domains=[{{name: a, train: {a}, eval: {a}}}, {{name: b, train: {b}, eval: {b}}}]"
+
+
+def _config(model_dir, domains, out, *extra):
+    return load_config(None, [f"model.name={model_dir}", f"output_dir={out}", "schedule=cofs", domains,
+                              "train.progress=false", "train.warmup_ratio=0", "diag.enabled=false",
+                              "train.batch_size=4", "train.lr=5e-3", "parametrization.kind=lora",
+                              "parametrization.r=4", "parametrization.dropout=0", "train.max_steps=4",
+                              "train.eval_steps=2", "cofs.buffer_size=8", "cofs.grid_step=0.25", *extra])
+
+
+def _logps(model, tokenizer, path):
+    pairs = load_pairs(str(path), "train", PairTokenizer(tokenizer))[0][:6]
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, "shared")
+    with torch.no_grad():
+        return SequenceScorer(model.eval())(**batch.scorer_inputs())[0]
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_cofs_combines_the_stored_modules_exactly_and_scores_every_domain(tiny_model_dir, domains, tmp_path,
+                                                                         tokenizer):
+    from peft import PeftModel
+
+    out = tmp_path / "cofs"
+    result = train(_config(tiny_model_dir, domains, out))
+    s1, s2 = out / "stage-1-a", out / "stage-2-b"
+    base = load_model(str(tiny_model_dir))
+    buffer = s1 / "buffer.jsonl"
+    assert len(buffer.read_text().splitlines()) == 8
+    # stage 1: D = 1, the combination is the domain's selected module itself
+    stage1 = load_model(str(s1 / "model"))
+    module1 = PeftModel.from_pretrained(copy.deepcopy(base), s1 / "train" / "final")
+    assert_close(_logps(stage1, tokenizer, buffer), _logps(module1, tokenizer, buffer), atol=0, rtol=1e-5)
+    # stage 2 trained on top of the folded stage-1 combination (its reference)
+    assert load_config(s2 / "train" / "config.yaml").model.name == str(s1 / "model")
+    combine = _json(s2 / "combine.json")
+    assert combine["delta_coeffs"] == [[1.0, 0.0], [1.0, 1.0]]  # D_1 = φ1, D_2 = C_1 + φ2
+    assert len(combine["tried"]) == 5 and combine["buffer_pairs"] == 16
+    best = min(combine["tried"], key=lambda t: (t["objective"], -t["weights"][-1]))
+    assert combine["weights"] == best["weights"]
+    w = combine["weights"]
+    assert combine["combined_coeffs"] == pytest.approx([w[0] + w[1], w[1]])
+    # the stage-2 model is θ₀ + C_2, and the exported concatenated adapter is the same model
+    stage2 = load_model(str(s2 / "model"))
+    combined = PeftModel.from_pretrained(copy.deepcopy(base), s2 / "combined")
+    assert_close(_logps(combined, tokenizer, buffer), _logps(stage2, tokenizer, buffer), atol=0, rtol=1e-5)
+    # the forgetting matrix: every domain after every stage
+    matrix = _json(out / "matrix.json")
+    assert matrix["stages"] == ["a", "b"] and [sorted(r) for r in matrix["scores"]] == [["a", "b"]] * 2
+    assert matrix["average_forgetting"] == pytest.approx(matrix["scores"][0]["a"] - matrix["scores"][1]["a"])
+    assert matrix["average_final"] == pytest.approx(sum(matrix["scores"][1].values()) / 2)
+    assert result.steps == 8 and "average forgetting" in result.table
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["cofs/weights"] for r in records] == [[1.0], w]
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_fresh_modules_replay_and_projected_gradients(tiny_model_dir, domains, tmp_path):
+    out = tmp_path / "fresh"
+    train(_config(tiny_model_dir, domains, out, "cofs.init=fresh", "cofs.select=final_fast",
+                  "cofs.grid_max_domains=1", "cofs.pgd_steps=3", "cofs.pgd_lr=0.5", "cofs.pgd_optimizer=sgd",
+                  "cofs.replay_in_training=true"))
+    assert len((out / "stage-2-b" / "train.jsonl").read_text().splitlines()) == 16 + 8  # b, then a's buffer
+    assert load_config(out / "stage-2-b" / "train" / "config.yaml").model.name == str(tiny_model_dir)
+    combine = _json(out / "stage-2-b" / "combine.json")
+    assert combine["delta_coeffs"] == [[1.0, 0.0], [0.0, 1.0]] and combine["combined_coeffs"] == combine["weights"]
+    tried = combine["tried"]
+    assert len(tried) == 4 and tried[0]["weights"] == [0.5, 0.5]  # uniform start, then 3 projected steps
+    assert all(min(t["weights"]) >= 0 and sum(t["weights"]) == pytest.approx(1) for t in tried)
+    assert tried[1]["weights"] != tried[0]["weights"] and combine["objective"] == min(t["objective"] for t in tried)
+
+
+@pytest.mark.parametrize("arm", ["sequential_dpo", "joint_dpo"])
+def test_the_baselines_are_one_key_away(tiny_model_dir, domains, tmp_path, arm):
+    out = tmp_path / arm
+    result = train(_config(tiny_model_dir, domains, out, f"cofs.arm={arm}"))
+    matrix = _json(out / "matrix.json")
+    if arm == "joint_dpo":  # one run on both domains, as many steps as the sequence
+        assert matrix["stages"] == ["joint"] and result.steps == 8 and "average_forgetting" not in matrix
+        rows = (out / "stage-1-joint" / "train.jsonl").read_text().splitlines()
+        assert len(rows) == 32 and "item number 0." in rows[0] and "item number 100." in rows[1]  # interleaved
+    else:
+        assert matrix["stages"] == ["a", "b"] and result.steps == 8
+        assert load_config(out / "stage-2-b" / "train" / "config.yaml").model.name == str(out / "stage-1-a" / "model")
+        assert not (out / "stage-2-b" / "combine.json").exists()
+
+
+def test_a_killed_run_resumes_to_the_same_matrix(tiny_model_dir, domains, tmp_path, monkeypatch):
+    whole = train(_config(tiny_model_dir, domains, tmp_path / "whole"))
+    config = _config(tiny_model_dir, domains, tmp_path / "killed", "train.save_steps=1")
+    train_until_killed(config, 2, monkeypatch)  # in stage 1, after its checkpoint of step 2
+    assert not (tmp_path / "killed" / "stage-1-a" / "done.json").exists()
+    train(config)
+    assert _json(tmp_path / "killed" / "matrix.json")["scores"] == _json(tmp_path / "whole" / "matrix.json")["scores"]
+    assert whole.steps == 8
+
+    def no_training(self):
+        raise AssertionError("a finished stage trained again")
+
+    monkeypatch.setattr(OfflineRun, "run", no_training)
+    again = train(config)  # every stage done: nothing runs, the summary is rebuilt
+    assert again.steps == 8
+
+
+def test_best_val_fast_exports_the_fast_module_at_its_lowest_held_out_loss(tiny_model_dir, domains, tmp_path):
+    from preflab.train.ofs import OfsRun
+
+    data = domains.split("train: ")[1].split(",")[0]
+    config = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", f"data.eval={data}",
+                                f"output_dir={tmp_path / 'ofs'}", "schedule=ofs", "train.progress=false",
+                                "diag.enabled=false", "train.batch_size=4", "train.lr=2e-2", "train.max_steps=6",
+                                "train.eval_steps=1", "parametrization.kind=lora", "parametrization.r=4",
+                                "parametrization.dropout=0", "ofs.export=best_val_fast", "ofs.slow_lr_ratio=2"])
+    run = OfsRun(config)
+    run.run()
+    history = _json(tmp_path / "ofs" / "eval.json")["history"]
+    fast_losses = [h["ofs/fast_loss"] for h in history[:-1]]  # steps 1..5; the last entry is the exported module
+    assert len(fast_losses) == 5
+    best = run.state["ofs_best_fast"]
+    assert best["loss"] <= min(fast_losses) and best["step"] in range(1, 7)
+    after = _json(tmp_path / "ofs" / "eval.json")["after"]
+    assert after["loss"] == pytest.approx(best["loss"], abs=1e-5)  # final/ is that module
+
+
+def test_cofs_refusals_and_the_forgetting_summary(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="data.domains"):
+        DomainsRun(load_config(None, [f"model.name={tiny_model_dir}", "schedule=cofs"]))
+    with pytest.raises(ConfigError, match="names must differ"):
+        load_config(None, ["data.domains=[sentiment, sentiment]"])
+    with pytest.raises(ConfigError, match="grid_step"):
+        load_config(None, ["cofs.grid_step=0.3"])
+    with pytest.raises(ConfigError, match="held-out"):
+        DomainsRun(load_config(None, [f"model.name={tiny_model_dir}", "schedule=cofs",
+                                      "data.domains=[{name: x, train: x.jsonl}]"]))
+    scores = [{"a": 0.9, "b": 0.1, "c": 0.2}, {"a": 0.6, "b": 0.8, "c": 0.3}, {"a": 0.7, "b": 0.5, "c": 0.9}]
+    summary = forgetting_summary(["a", "b", "c"], scores)
+    assert summary["forgetting"] == pytest.approx({"a": 0.2, "b": 0.3})  # a: best 0.9 → 0.7; b: 0.8 → 0.5
+    assert summary["average_forgetting"] == pytest.approx(0.25)
+    assert summary["average_final"] == pytest.approx(0.7)
