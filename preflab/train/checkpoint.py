@@ -4,7 +4,8 @@ A checkpoint is a directory ``checkpoints/step-00000042/`` holding
 
 - ``trainable.safetensors``: the tensors training changes (the adapter, or every weight);
 - ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
-- ``rng.pt``: Python, NumPy and torch (CPU and CUDA) generator states;
+- ``rng.pt``: Python, NumPy and torch (CPU and CUDA) generator states — of every process under DDP
+  (``{"processes": [...]}``, one per rank: each process draws its own dropout masks);
 - ``state.json``: step, data position, counters.
 
 It is written under a temporary name and renamed into place, so a crash during a save leaves the previous
@@ -47,7 +48,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep_last: int | None = None) -> Path:
+                    state: dict, keep_last: int | None = None, rng: dict | None = None) -> Path:
+    """Writes the checkpoint of ``step``; ``rng`` defaults to this process's generator states."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -58,7 +60,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(rng_state() if rng is None else rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         for f in tmp.iterdir():  # data on disk before the rename makes it visible
             with f.open("rb") as fh:

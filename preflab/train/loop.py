@@ -45,7 +45,7 @@ from ..models.loader import load_model, load_tokenizer
 from ..models.reference_cache import ReferenceCache, default_cache_dir, model_fingerprint, pair_key
 from ..models.scorer import SequenceScorer
 from ..optim.merging import MergingOptions, OnDAREAdamW, OnTIESAdamW, task_vectors_by_name
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .metrics import MetricAccumulator, MetricsWriter, pair_metrics
 from .order import BatchOrder
 from .safety import StopRequest, TrainingInterrupted, check_disk_space, checkpoint_bytes
@@ -436,9 +436,14 @@ class OfflineRun:
         if bad:  # never a checkpoint a resume would have to throw away
             raise TrainingError(f"refusing to write the checkpoint of step {self.state['step']}: non-finite values in "
                                 f"{bad[:3]}{' and more' if len(bad) > 3 else ''}; the previous checkpoint is intact")
+        rng = rng_state()
+        if self.world > 1:  # every process's generators: their dropout masks differ with their batches
+            states = [None] * self.world
+            torch.distributed.all_gather_object(states, rng)
+            rng = {"processes": states}
         if self.accelerator.is_main_process:
             path = save_checkpoint(self.run_dir, self.state["step"], trainable, self.optimizer, self.scheduler,
-                                   dict(self.state), self.config.train.save_total_limit)
+                                   dict(self.state), self.config.train.save_total_limit, rng)
             _write_json(self.run_dir / "eval.json", self.eval_record)
         self.accelerator.wait_for_everyone()
         return path
@@ -448,7 +453,15 @@ class OfflineRun:
         self.param.load_trainable_state_dict(ckpt["trainable"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]
+        if "processes" in rng:
+            states = rng["processes"]
+            if len(states) != self.world:
+                log.warning("resume: the checkpoint holds the random states of %d processes, this run has %d; "
+                            "process %d takes those of process %d (dropout masks will differ from the first run)",
+                            len(states), self.world, self.rank, self.rank % len(states))
+            rng = states[self.rank % len(states)]
+        set_rng_state(rng)
         self.state = ckpt["state"]
         eval_path = self.run_dir / "eval.json"
         if eval_path.is_file():

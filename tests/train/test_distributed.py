@@ -67,6 +67,30 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+def _torchrun(args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "preflab.cli", "train", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_resumed_ddp_run_restores_each_process_random_state(tiny_model_dir, tmp_path):
+    """LoRA dropout draws per process (each has its own batch shapes); a run stopped after step 2 and resumed must
+    continue every process's generator where it stood, not the main process's."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(16))
+    common = [*_args(tiny_model_dir, data, tmp_path / "unused", 2, "lora"), "parametrization.dropout=0.3",
+              "train.lr_scheduler=constant", "train.save_steps=2"]  # constant: a shorter first run, same updates
+    _torchrun([*common, f"output_dir={tmp_path / 'whole'}", "train.max_steps=4"], tmp_path)
+    _torchrun([*common, f"output_dir={tmp_path / 'resumed'}", "train.max_steps=2"], tmp_path)
+    _torchrun([*common, f"output_dir={tmp_path / 'resumed'}", "train.max_steps=4"], tmp_path)  # resumes at 2
+    assert _losses(tmp_path / "resumed")[2:] == pytest.approx(_losses(tmp_path / "whole")[2:], abs=1e-6)
+    a = load_file(list_checkpoints(tmp_path / "whole")[-1] / "trainable.safetensors")
+    b = load_file(list_checkpoints(tmp_path / "resumed")[-1] / "trainable.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
 def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
     from types import SimpleNamespace
 
