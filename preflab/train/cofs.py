@@ -19,6 +19,11 @@ combination as one PEFT adapter on θ₀), ``model/`` (the stage's model, dense)
 preference metrics and gold reward, against θ₀) and ``done.json`` last; a rerun skips finished stages. At the end,
 ``matrix.json`` (the forgetting matrix, average final score, average forgetting), one ``cofs/`` record per stage in
 ``metrics.jsonl``, and ``final/`` (the last model, plain ``transformers``).
+
+Under DDP (several processes) the stages train as DDP runs (OFS with ``ofs.fused_forward: true``); the driver's own
+work — buffers, weight search, folding, evaluations — is deterministic and runs on every process alike (no
+coordination needed to agree), the main process alone writes, and the processes meet at a barrier before anything
+written is read.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from ..config import Config, ConfigError, DomainConfig
 from ..data.collate import collate_pairs
@@ -48,7 +54,7 @@ from ..models.scorer import SequenceScorer
 from ..ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
 from ..ofs.weights import grid_choice, pgd_choice
 from .apo import _save_model_atomically
-from .loop import OfflineRun, RunResult, _write_json, eval_mode, record_config
+from .loop import OfflineRun, RunResult, _cpu_processes, _write_json, eval_mode, record_config
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +98,6 @@ class DomainsRun:
     def __init__(self, config: Config):
         self.config, self.cc = config, config.cofs
         self.run_dir = Path(config.output_dir)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("schedule: cofs runs in one process for now (like its OFS stages); launch it without "
-                              "accelerate/torchrun")
         self.domains: tuple[DomainConfig, ...] = config.data.domains
         if not self.domains:
             raise ConfigError("data.domains: schedule: cofs needs the ordered domains, e.g. "
@@ -105,7 +108,9 @@ class DomainsRun:
                               "none")
         if self.cc.arm == "cofs" and config.parametrization.name != "lora":
             raise ConfigError("cofs.arm=cofs combines LoRA modules; set parametrization.kind=lora")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.processes = PartialState(cpu=_cpu_processes())  # the process group (one process: a no-op)
+        self.main = self.processes.is_main_process
+        self.device = self.processes.device
         self.tokenizer = load_tokenizer(config.model.name)
         dc = config.data
         self.pair_tokenizer = PairTokenizer(self.tokenizer, dc.max_length, dc.max_prompt_length, dc.prompt_truncation)
@@ -150,22 +155,28 @@ class DomainsRun:
     def write_buffer(self, d: int) -> Path:
         """The domain's replay buffer: a seeded uniform sample of ``cofs.buffer_size`` training rows."""
         path = self.stage_dir(d) / "buffer.jsonl"
-        if not path.is_file():
+        if self.main and not path.is_file():
             domain = self.domains[d]
             rows = _rows(domain.train, domain.train_split)
             rng = random.Random(f"cofs-buffer-{self.config.seed}-{d}")
             keep = sorted(rng.sample(range(len(rows)), min(self.cc.buffer_size, len(rows))))
             _write_rows([rows[i] for i in keep], path)
+        self.processes.wait_for_everyone()
         return path
+
+    def write_rows(self, rows: list[dict], path: Path) -> None:
+        if self.main:
+            _write_rows(rows, path)
+        self.processes.wait_for_everyone()
 
     def inner_config(self, d: int) -> Config:
         c, out, arm = self.config, self.stage_dir(d), self.cc.arm
         dc, tc, ofs = c.data, c.train, c.ofs
         if arm == "joint_dpo":
             train = out / "train.jsonl"
-            _write_rows(_interleave([_rows(x.train, x.train_split) for x in self.domains]), train)
+            self.write_rows(_interleave([_rows(x.train, x.train_split) for x in self.domains]), train)
             held_out = out / "eval.jsonl"
-            _write_rows(_interleave([_rows(x.eval, x.eval_split) for x in self.domains]), held_out)
+            self.write_rows(_interleave([_rows(x.eval, x.eval_split) for x in self.domains]), held_out)
             data = dataclasses.replace(dc, train=str(train), eval=str(held_out), domains=())
             tc = dataclasses.replace(tc, max_steps=tc.max_steps and tc.max_steps * len(self.domains))
         else:
@@ -176,7 +187,7 @@ class DomainsRun:
                 train = out / "train.jsonl"
                 groups = [_rows(domain.train, domain.train_split)]
                 groups += [_rows(str(self.stage_dir(j) / "buffer.jsonl"), "train") for j in range(d)]
-                _write_rows([r for g in groups for r in g], train)
+                self.write_rows([r for g in groups for r in g], train)
                 data = dataclasses.replace(data, train=str(train))
         if arm == "cofs":
             ofs = dataclasses.replace(ofs, export=SELECT_EXPORT[self.cc.select])
@@ -254,9 +265,11 @@ class DomainsRun:
         choice = self.choose_weights(modules, deltas, d)
         combined = [sum(w * c[k] for w, c in zip(choice["weights"], deltas)) for k in range(d + 1)]
         out = self.stage_dir(d)
-        _write_json(out / "combine.json", {**choice, "delta_coeffs": deltas, "combined_coeffs": combined})
-        shutil.rmtree(out / "combined", ignore_errors=True)
-        rank = save_concat_adapter(modules, combined, out / "combined", self.config.model.name)
+        rank = sum(m[next(iter(m))].A.shape[0] for m, c in zip(modules, combined) if c != 0)
+        if self.main:
+            _write_json(out / "combine.json", {**choice, "delta_coeffs": deltas, "combined_coeffs": combined})
+            shutil.rmtree(out / "combined", ignore_errors=True)
+            save_concat_adapter(modules, combined, out / "combined", self.config.model.name)
         model = load_model(self.config.model.name, self.config.model.dtype, self.config.model.attn_implementation)
         fold_into(model, modules, combined)
         record = {"weights": choice["weights"], "objective": choice["objective"], "delta_coeffs": deltas[-1],
@@ -295,7 +308,9 @@ class DomainsRun:
 
     def stage(self, d: int, previous: list[dict]) -> dict:
         out, arm = self.stage_dir(d), self.cc.arm
-        out.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+        self.processes.wait_for_everyone()
         log.info("cofs (%s) stage %d/%d: %s from %s", arm, d + 1, len(self.stages()), self.stages()[d].name,
                  self.start_model(d))
         if arm != "joint_dpo":
@@ -317,19 +332,24 @@ class DomainsRun:
             model = run.param.merged_model()
             del run
             gc.collect()
-        _save_model_atomically(model, self.tokenizer, out / "model")
+        if self.main:
+            _save_model_atomically(model, self.tokenizer, out / "model")
         model = model.to(self.device)
         record["eval"] = self.evaluate_domains(model)
         record["scores"] = {k: v["score"] for k, v in record["eval"].items()}
         del model
         gc.collect()
-        _write_json(out / "eval.json", record["eval"])
-        _write_json(out / "done.json", {k: v for k, v in record.items() if k != "eval"})
+        if self.main:
+            _write_json(out / "eval.json", record["eval"])
+            _write_json(out / "done.json", {k: v for k, v in record.items() if k != "eval"})
+        self.processes.wait_for_everyone()
         return record
 
     def run(self) -> RunResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        record_config(self.config, self.run_dir, None)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            record_config(self.config, self.run_dir, None)
+        self.processes.wait_for_everyone()
         records: list[dict] = []
         for d in range(len(self.stages())):
             done = self.stage_dir(d) / "done.json"
@@ -342,22 +362,23 @@ class DomainsRun:
         scores = [r["scores"] for r in records]
         summary = {"arm": self.cc.arm, "domains": names, "stages": [r["domain"] for r in records],
                    "scores": scores, **forgetting_summary(names, scores)}
-        _write_json(self.run_dir / "matrix.json", summary)
-        steps = 0
-        with (self.run_dir / "metrics.jsonl").open("w") as f:
-            for r in records:
-                steps += r["steps"]
-                line = {"step": steps, "cofs/stage": r["stage"], "cofs/domain": r["domain"],
-                        **{f"cofs/score/{k}": v for k, v in r["scores"].items()}}
-                if "cofs" in r:
-                    line.update({"cofs/weights": r["cofs"]["weights"], "cofs/objective": r["cofs"]["objective"]})
-                f.write(json.dumps(line) + "\n")
-        final = self.run_dir / "final"
-        tmp = self.run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.stage_dir(len(records) - 1) / "model", tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        lines, steps = [], 0
+        for r in records:
+            steps += r["steps"]
+            line = {"step": steps, "cofs/stage": r["stage"], "cofs/domain": r["domain"],
+                    **{f"cofs/score/{k}": v for k, v in r["scores"].items()}}
+            if "cofs" in r:
+                line.update({"cofs/weights": r["cofs"]["weights"], "cofs/objective": r["cofs"]["objective"]})
+            lines.append(json.dumps(line) + "\n")
+        if self.main:
+            _write_json(self.run_dir / "matrix.json", summary)
+            (self.run_dir / "metrics.jsonl").write_text("".join(lines))
+            final, tmp = self.run_dir / "final", self.run_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(self.stage_dir(len(records) - 1) / "model", tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.processes.wait_for_everyone()
         return RunResult(self.run_dir, steps, sum(r["seconds"] for r in records), None, None, None,
                          f"cofs.arm={self.cc.arm}, score after each stage (gold reward, or implicit accuracy "
                          f"without a task):\n{format_matrix(summary)}")

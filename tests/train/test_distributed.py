@@ -91,6 +91,37 @@ def test_a_resumed_ddp_run_restores_each_process_random_state(tiny_model_dir, tm
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_cofs_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
+    """COFS-DPO on 2 processes: the OFS stages under DDP, the driver's search and evaluations on every process,
+    the main process writing — the same weights, scores and held-out losses as one process with the global batch."""
+    a = write_jsonl(tmp_path / "a.jsonl", sentiment_rows(12))
+    b = write_jsonl(tmp_path / "b.jsonl", [{**r, "chosen": r["rejected"], "rejected": r["chosen"]}
+                                           for r in sentiment_rows(12, 100)])
+
+    def args(out, batch_size):
+        return [f"model.name={tiny_model_dir}", f"output_dir={out}", "schedule=cofs", "train.progress=false",
+                f"data.domains=[{{name: a, train: {a}, eval: {a}}}, {{name: b, train: {b}, eval: {b}}}]",
+                "train.warmup_ratio=0", "diag.enabled=false", f"train.batch_size={batch_size}", "train.lr=1e-2",
+                "train.max_steps=3", "train.eval_steps=2", "parametrization.kind=lora", "parametrization.r=4",
+                "parametrization.dropout=0", "ofs.fused_forward=true", "cofs.buffer_size=6", "cofs.grid_step=0.5"]
+
+    _torchrun(args(tmp_path / "ddp", 2), tmp_path)
+    train(load_config(None, args(tmp_path / "single", 4)))
+    ddp, single = (json.loads((tmp_path / r / "matrix.json").read_text()) for r in ("ddp", "single"))
+    assert ddp["stages"] == single["stages"] == ["a", "b"]
+    assert ddp["scores"] == single["scores"]
+    for run in ("ddp", "single"):
+        assert len(list((tmp_path / run).glob("stage-2-b/train/metrics.jsonl"))) == 1
+    for stage in ("stage-1-a", "stage-2-b"):
+        assert _losses(tmp_path / "ddp" / stage / "train") == pytest.approx(
+            _losses(tmp_path / "single" / stage / "train"), abs=1e-5)
+        de, se = (json.loads((tmp_path / r / stage / "eval.json").read_text()) for r in ("ddp", "single"))
+        for domain in ("a", "b"):
+            assert de[domain]["preference"]["loss"] == pytest.approx(se[domain]["preference"]["loss"], abs=1e-4)
+    dc, sc = (json.loads((tmp_path / r / "stage-2-b" / "combine.json").read_text()) for r in ("ddp", "single"))
+    assert dc["weights"] == sc["weights"]
+
+
 def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
     from types import SimpleNamespace
 
