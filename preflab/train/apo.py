@@ -14,6 +14,8 @@
 4. ``eval.json``: generation eval of θ̂_{t+1} against the starting model θ_0 (``eval.task``); ``done.json`` last.
 
 An interrupted run skips every iteration that has ``done.json`` and resumes the unfinished one where it stopped.
+Under DDP (several processes) the training runs as a DDP run; sampling, the generation eval and the extrapolation
+run on the main process while the others wait at a barrier (not sharded yet), and the main process alone writes.
 Adapters (LoRA, RoPO) are extrapolated on their merged weights W_0 + ΔW, never on their factors (the product is
 bilinear in them); each iteration trains a fresh adapter on the dense θ_t — the spec's ``merged`` realisation.
 ``metrics.jsonl`` holds one ``apo/`` record per iteration; ``final/`` is the returned model.
@@ -32,6 +34,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import Tensor
 
 from ..config import Config, ConfigError
@@ -41,7 +44,7 @@ from ..models.generate import SamplingConfig
 from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
 from ..tasks import get_task
-from .loop import OfflineRun, RunResult, TrainingError, _write_json, eval_mode, record_config
+from .loop import OfflineRun, RunResult, TrainingError, _cpu_processes, _write_json, eval_mode, record_config
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +85,8 @@ class ApoRun:
     def __init__(self, config: Config):
         self.config, self.ac = config, config.apo
         self.run_dir = Path(config.output_dir)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("schedule: apo runs in one process for now (its sampling and files are not sharded); "
-                              "launch it without accelerate/torchrun")
+        self.processes = PartialState(cpu=_cpu_processes())  # the process group (one process: a no-op)
+        self.main = self.processes.is_main_process
         ac = self.ac
         available = len(get_task(ac.task).prompts("train", config.seed))
         needed = ac.prompts_per_iteration * (ac.iterations if ac.prompt_schedule == "disjoint" else 1)
@@ -135,8 +137,11 @@ class ApoRun:
                           offset=offset, k=ac.k, min_gap=ac.min_score_gap, batch_prompts=ac.batch_prompts,
                           seed=c.seed, sample_seed=c.seed * 1000 + t, reward=ac.reward,
                           sampling=SamplingConfig(ac.max_new_tokens, ac.temperature, ac.top_p))
-        stats = build_pairs(cfg, self.iteration_dir(t) / "pairs", tokenizer=self.tokenizer,
-                            progress=c.train.progress)
+        out = self.iteration_dir(t) / "pairs"
+        if self.main:  # the others wait (sampling is not sharded yet)
+            build_pairs(cfg, out, tokenizer=self.tokenizer, progress=c.train.progress)
+        self.processes.wait_for_everyone()
+        stats = json.loads((out / "train.stats.json").read_text())
         if stats["pairs"] == 0:
             raise TrainingError(f"apo iteration {t + 1}: no pair from {stats['prompts']} prompts (every prompt's "
                                 f"best and worst of k={ac.k} samples tied); raise apo.k or apo.temperature")
@@ -160,8 +165,8 @@ class ApoRun:
 
     def iteration(self, t: int, steps_before: int) -> dict:
         ac, out = self.ac, self.iteration_dir(t)
-        out.mkdir(parents=True, exist_ok=True)
-        last = t == ac.iterations - 1
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
         log.info("apo iteration %d/%d from %s", t + 1, ac.iterations, self.start_model(t))
 
         t0 = time.perf_counter()
@@ -172,7 +177,19 @@ class ApoRun:
         run = OfflineRun(self.inner_config(t, out / "pairs" / "train.jsonl"))
         result = run.run()
         t_train = time.perf_counter() - t0
+        if self.main:  # the others wait: the KL estimate, the evaluation and the extrapolation are not sharded yet
+            self.finish_iteration(t, run, result, stats, {"time/generation_seconds": round(t_gen, 2),
+                                                          "time/training_seconds": round(t_train, 2)}, steps_before)
+        del run
+        gc.collect()
+        self.processes.wait_for_everyone()
+        return json.loads((out / "done.json").read_text())
 
+    def finish_iteration(self, t: int, run: OfflineRun, result: RunResult, stats: dict, times: dict,
+                         steps_before: int) -> None:
+        """KL to θ_t, ``policy/``, the generation eval, ``extrapolated/``, ``done.json`` (main process)."""
+        ac, out = self.ac, self.iteration_dir(t)
+        last = t == ac.iterations - 1
         t0 = time.perf_counter()
         kl_prev = self.kl_to_prev(run)
         merged = run.param.merged_model()
@@ -203,8 +220,7 @@ class ApoRun:
                   "apo/score_best": stats["score_chosen"]["mean"], "apo/score_worst": stats["score_rejected"]["mean"],
                   "apo/score_gap": stats["score_gap"]["mean"], "apo/extrap_norm": extrap_norm,
                   "apo/kl_to_prev": kl_prev, "apo/train_steps": result.steps,
-                  "time/generation_seconds": round(t_gen, 2), "time/training_seconds": round(t_train, 2),
-                  "time/eval_seconds": round(t_eval, 2)}
+                  **times, "time/eval_seconds": round(t_eval, 2)}
         if result.after:
             record.update({f"eval/{k}": v for k, v in result.after.items()})
         for tag, ev in (("gold", evaluation), ("gold_extrapolated", evaluation_x)):
@@ -215,16 +231,16 @@ class ApoRun:
         _write_json(out / "done.json", record)
         log.info("apo iteration %d: %d pairs, sample score %.4f, %s", t + 1, stats["pairs"],
                  record["apo/score_mean"], f"gold reward {record['gold/reward']:.4f}" if evaluation else "")
-        del run, merged, hat
-        gc.collect()
-        return record
+        del merged, hat
 
     # -- the run ------------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        done = [t for t in range(self.ac.iterations) if (self.iteration_dir(t) / "done.json").is_file()]
-        record_config(self.config, self.run_dir, f"iter-{len(done) + 1}" if done else None)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            done = [t for t in range(self.ac.iterations) if (self.iteration_dir(t) / "done.json").is_file()]
+            record_config(self.config, self.run_dir, f"iter-{len(done) + 1}" if done else None)
+        self.processes.wait_for_everyone()
         records: list[dict] = []
         for t in range(self.ac.iterations):
             marker = self.iteration_dir(t) / "done.json"
@@ -233,15 +249,17 @@ class ApoRun:
                 log.info("apo iteration %d already done: skipped", t + 1)
                 continue
             records.append(self.iteration(t, records[-1]["step"] if records else 0))
-        (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         last = self.iteration_dir(self.ac.iterations - 1)
-        returned = last / ("extrapolated" if self.ac.return_extrapolated and self.ac.alpha > 0 else "policy")
-        final = self.run_dir / "final"
-        tmp = final.with_name(".final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(returned, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if self.main:
+            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            returned = last / ("extrapolated" if self.ac.return_extrapolated and self.ac.alpha > 0 else "policy")
+            final = self.run_dir / "final"
+            tmp = final.with_name(".final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(returned, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.processes.wait_for_everyone()
         first_eval = json.loads((self.iteration_dir(0) / "train" / "eval.json").read_text())
         last_eval = json.loads((last / "train" / "eval.json").read_text())
         generation = json.loads((last / "eval.json").read_text())["policy"] if (last / "eval.json").is_file() else None

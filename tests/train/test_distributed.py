@@ -122,6 +122,33 @@ def test_cofs_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
     assert dc["weights"] == sc["weights"]
 
 
+def test_apo_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
+    """APO on 2 processes: the main process samples (the same pairs as one process), the DPO iterations train under
+    DDP, the extrapolated model and the records match one process with the global batch."""
+    from preflab.models.loader import load_model
+
+    def args(out, batch_size):
+        return ["schedule=apo", f"model.name={tiny_model_dir}", f"output_dir={out}", "data.eval=null",
+                "eval.task=null", "train.progress=false", "diag.enabled=false", "parametrization.kind=lora",
+                "apo.task=concision", "apo.iterations=2", "apo.prompts_per_iteration=8", "apo.k=4",
+                "apo.max_new_tokens=12", "apo.batch_prompts=8", "apo.alpha=0.3", f"train.batch_size={batch_size}",
+                "train.max_steps=2", "train.lr=1e-2", "train.warmup_ratio=0"]
+
+    _torchrun(args(tmp_path / "ddp", 2), tmp_path)
+    train(load_config(None, args(tmp_path / "single", 4)))
+    for it in ("iter-1", "iter-2"):
+        pairs = [(tmp_path / r / it / "pairs" / "train.jsonl").read_text() for r in ("ddp", "single")]
+        assert pairs[0] == pairs[1], it  # sampled by the main process alone, as by one process
+        assert _losses(tmp_path / "ddp" / it / "train") == pytest.approx(
+            _losses(tmp_path / "single" / it / "train"), abs=1e-5)
+    ddp, single = (_records(tmp_path / r) for r in ("ddp", "single"))
+    assert [r["apo/pairs_kept"] for r in ddp] == [r["apo/pairs_kept"] for r in single]
+    assert [r["apo/kl_to_prev"] for r in ddp] == pytest.approx([r["apo/kl_to_prev"] for r in single], abs=1e-3)
+    a, b = (load_model(str(tmp_path / r / "iter-1" / "extrapolated")).state_dict() for r in ("ddp", "single"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
 def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
     from types import SimpleNamespace
 
