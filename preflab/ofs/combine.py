@@ -154,8 +154,6 @@ def save_concat_adapter(modules: list[dict[str, LoraAtom]], coeffs: list[float],
                         base_name: str | None) -> int:
     """The combination as one PEFT LoRA adapter (r = lora_alpha = Σ r_k over the nonzero weights, so its scale is
     1); returns that rank."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors, rank = {}, 0
     for name in modules[0]:
         A, B = concat_lora([m[name] for m in modules], coeffs)
@@ -164,10 +162,19 @@ def save_concat_adapter(modules: list[dict[str, LoraAtom]], coeffs: list[float],
         rank = A.shape[0]
     if rank == 0:
         raise ValueError("every combination weight is 0: nothing to export")
-    save_file(tensors, out_dir / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+    write_peft_lora(tensors, rank, rank, list(modules[0]), base_name, out_dir)
+    return rank
+
+
+def write_peft_lora(tensors: dict[str, Tensor], r: int, alpha: float, layers: list[str], base_name: str | None,
+                    out_dir: str | Path) -> None:
+    """A PEFT LoRA adapter directory (``adapter_model.safetensors`` under PEFT's names, ``adapter_config.json``)
+    that plain ``peft`` loads onto the base model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.cpu() for k, v in tensors.items()}, out_dir / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules[0]}),
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
               "base_model_name_or_path": base_name, "inference_mode": True}
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return rank

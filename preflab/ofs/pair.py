@@ -19,18 +19,17 @@ ordinary PEFT LoRA adapter (:meth:`FastSlowLora.save_adapter`).
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..adapters.base import Parametrization
 from ..data.collate import SequenceBatch
+from .combine import write_peft_lora
 
 MODULES = ("fast", "slow")
 
@@ -125,14 +124,8 @@ class FastSlowLora:
 
     def save_adapter(self, module: str, out_dir: Path) -> None:
         """``module`` as a PEFT LoRA adapter directory that plain ``peft`` loads onto the base model."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu() for k, v in self.state_dict(module).items()}, out_dir / "adapter_model.safetensors")
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
-                  "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-                  "target_modules": sorted({n.rsplit(".", 1)[-1] for n in self.layers}),
-                  "base_model_name_or_path": getattr(self.model.config, "_name_or_path", None), "inference_mode": True}
-        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        write_peft_lora(self.state_dict(module), self.r, self.alpha, list(self.layers),
+                        getattr(self.model.config, "_name_or_path", None), out_dir)
 
 
 class FastSlowPair(Parametrization):

@@ -79,6 +79,15 @@ def _save_model_atomically(model: torch.nn.Module, tokenizer, out: Path) -> None
     os.replace(tmp, out)
 
 
+def copy_dir_atomically(src: Path, out: Path) -> None:
+    """``out`` becomes a copy of ``src``, written under a temporary name and renamed into place."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 class ApoRun:
     """One APO run; :meth:`run` does (or finishes) every iteration."""
 
@@ -253,12 +262,7 @@ class ApoRun:
         if self.main:
             (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             returned = last / ("extrapolated" if self.ac.return_extrapolated and self.ac.alpha > 0 else "policy")
-            final = self.run_dir / "final"
-            tmp = final.with_name(".final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(returned, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            copy_dir_atomically(returned, self.run_dir / "final")
         self.processes.wait_for_everyone()
         first_eval = json.loads((self.iteration_dir(0) / "train" / "eval.json").read_text())
         last_eval = json.loads((last / "train" / "eval.json").read_text())

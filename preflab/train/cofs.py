@@ -53,7 +53,7 @@ from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
 from ..ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
 from ..ofs.weights import grid_choice, pgd_choice
-from .apo import _save_model_atomically
+from .apo import _save_model_atomically, copy_dir_atomically
 from .loop import OfflineRun, RunResult, _cpu_processes, _write_json, eval_mode, record_config
 
 log = logging.getLogger(__name__)
@@ -373,11 +373,7 @@ class DomainsRun:
         if self.main:
             _write_json(self.run_dir / "matrix.json", summary)
             (self.run_dir / "metrics.jsonl").write_text("".join(lines))
-            final, tmp = self.run_dir / "final", self.run_dir / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.stage_dir(len(records) - 1) / "model", tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            copy_dir_atomically(self.stage_dir(len(records) - 1) / "model", self.run_dir / "final")
         self.processes.wait_for_everyone()
         return RunResult(self.run_dir, steps, sum(r["seconds"] for r in records), None, None, None,
                          f"cofs.arm={self.cc.arm}, score after each stage (gold reward, or implicit accuracy "
