@@ -164,6 +164,7 @@ class OfsRun(OfflineRun):
                 self.param.pair.save_adapter("fast", tmp)
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp, out)
+            self.accelerator.wait_for_everyone()  # the others read best_fast/ at the end of training
             self.state["ofs_best_fast"] = {"step": self.state["step"], "loss": fast["loss"]}
         return result
 
