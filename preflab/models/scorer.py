@@ -71,6 +71,12 @@ class SequenceScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The model's decoder layer classes: the units FSDP's transformer auto-wrap shards one by one."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(base, "_no_split_modules", None)
+
     def forward(
         self,
         input_ids: Tensor,  # (R, T)

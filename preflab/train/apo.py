@@ -44,7 +44,8 @@ from ..models.generate import SamplingConfig
 from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
 from ..tasks import get_task
-from .loop import OfflineRun, RunResult, TrainingError, _cpu_processes, _write_json, eval_mode, record_config
+from .engine import cpu_processes
+from .loop import OfflineRun, RunResult, TrainingError, _write_json, eval_mode, record_config
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ApoRun:
     def __init__(self, config: Config):
         self.config, self.ac = config, config.apo
         self.run_dir = Path(config.output_dir)
-        self.processes = PartialState(cpu=_cpu_processes())  # the process group (one process: a no-op)
+        self.processes = PartialState(cpu=cpu_processes())  # the process group (one process: a no-op)
         self.main = self.processes.is_main_process
         ac = self.ac
         available = len(get_task(ac.task).prompts("train", config.seed))

@@ -47,9 +47,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
                     state: dict, keep_last: int | None = None, rng: dict | None = None) -> Path:
-    """Writes the checkpoint of ``step``; ``rng`` defaults to this process's generator states."""
+    """Writes the checkpoint of ``step`` (``optimizer``, ``scheduler``: their ``state_dict``); ``rng`` defaults to
+    this process's generator states."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -58,8 +59,8 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor]
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(scheduler, tmp / "scheduler.pt")
         torch.save(rng_state() if rng is None else rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         for f in tmp.iterdir():  # data on disk before the rename makes it visible

@@ -54,7 +54,8 @@ from ..models.scorer import SequenceScorer
 from ..ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
 from ..ofs.weights import grid_choice, pgd_choice
 from .apo import _save_model_atomically, copy_dir_atomically
-from .loop import OfflineRun, RunResult, _cpu_processes, _write_json, eval_mode, record_config
+from .engine import cpu_processes
+from .loop import OfflineRun, RunResult, _write_json, eval_mode, record_config
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class DomainsRun:
                               "none")
         if self.cc.arm == "cofs" and config.parametrization.name != "lora":
             raise ConfigError("cofs.arm=cofs combines LoRA modules; set parametrization.kind=lora")
-        self.processes = PartialState(cpu=_cpu_processes())  # the process group (one process: a no-op)
+        self.processes = PartialState(cpu=cpu_processes())  # the process group (one process: a no-op)
         self.main = self.processes.is_main_process
         self.device = self.processes.device
         self.tokenizer = load_tokenizer(config.model.name)

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 from transformers import get_scheduler
 
@@ -46,6 +45,16 @@ from ..models.reference_cache import ReferenceCache, default_cache_dir, model_fi
 from ..models.scorer import SequenceScorer
 from ..optim.merging import MergingOptions, OnDAREAdamW, OnTIESAdamW, task_vectors_by_name
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .engine import (
+    SHARDED,
+    check_engine,
+    gather_named,
+    gather_optimizer_state,
+    launched_engine,
+    make_accelerator,
+    shard_like,
+    shard_optimizer_state,
+)
 from .metrics import MetricAccumulator, MetricsWriter, pair_metrics
 from .order import BatchOrder
 from .safety import StopRequest, TrainingInterrupted, check_disk_space, checkpoint_bytes
@@ -81,19 +90,6 @@ def _resume_path(config: Config, run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise ConfigError(f"resume: checkpoint {path} does not exist")
     return path
-
-
-def _cpu_processes() -> bool:
-    """Several processes and no GPU: accelerate then runs DDP over gloo only when told it is on the CPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def _check_distributed(accelerator: Accelerator) -> None:
-    kind = accelerator.distributed_type
-    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(f"accelerate: {kind.value} is not supported yet (preflab reads and writes whole weights "
-                          "for its references, checkpoints and merges); launch with a DDP config "
-                          "(configs/accelerate/ddp.yaml)")
 
 
 def _optimizer(param: Parametrization, config: Config) -> torch.optim.Optimizer:
@@ -188,10 +184,12 @@ class OfflineRun:
         # accelerate keeps one AcceleratorState per process; several runs in a process (tests, schedules
         # that chain runs) may differ in precision. The process-group state (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.accelerator = Accelerator(cpu=_cpu_processes(), mixed_precision="bf16" if tc.precision == "bf16" else "no",
-                                       log_with=list(tc.report_to) or None, project_dir=str(self.run_dir))
-        _check_distributed(self.accelerator)
+        check_engine(config)
+        self.sharded = launched_engine() in SHARDED  # the trained tensors are shards (FSDP)
+        self.accelerator = make_accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
+                                            log_with=list(tc.report_to) or None, project_dir=str(self.run_dir))
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        log.info("engine %s: %d process%s", launched_engine(), self.world, "es" if self.world > 1 else "")
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(config.model.name)
         dc = config.data
@@ -207,6 +205,10 @@ class OfflineRun:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.param = self.build_parametrization(model)
         self.objective: Objective = build_objective([t.to_dict() for t in config.loss])
+        self.train_keys = [pair_key(p) for p in self.train_pairs]
+        self.ref_cache = None  # opened before the weights are prepared (sharded, under FSDP)
+        if config.scorer.reference_cache != "none" and not self.objective.reference_free:
+            self.ref_cache = self._open_reference_cache()
         # a global batch of batch_size pairs per process; process r takes every world-th pair of it
         self.order = BatchOrder(len(self.train_pairs), tc.batch_size * self.world, config.seed)
         self.total_steps = tc.max_steps or math.ceil(tc.epochs * self.order.batches_per_epoch / tc.grad_accum)
@@ -228,10 +230,6 @@ class OfflineRun:
                                      tc.eval_batch_size)
         self.energy = EnergyMonitor(config.diag.he_modules, config.diag.he_chunk) \
             if config.diag.enabled and config.diag.he_every != 0 else None
-        self.train_keys = [pair_key(p) for p in self.train_pairs]
-        self.ref_cache = None
-        if config.scorer.reference_cache != "none" and not self.objective.reference_free:
-            self.ref_cache = self._open_reference_cache()
 
     def build_parametrization(self, model: torch.nn.Module) -> Parametrization:
         return build_parametrization(self.config.parametrization.name, self.config.parametrization.params, model)
@@ -258,9 +256,19 @@ class OfflineRun:
                  time.perf_counter() - t0)
         return cache
 
+    @contextmanager
+    def reference_scorer(self):
+        """The reference as a scorer. Under FSDP, when it is the policy's own network with the trained part switched
+        off, that is the prepared scorer (only its root gathers the sharded embeddings and head); its forward is then
+        a collective, which :meth:`reference_logps` and :meth:`precompute_reference` run on every process alike.
+        Otherwise a plain scorer: no collective (DDP's wrapper would broadcast buffers)."""
+        with self.param.reference() as ref:
+            sharded = self.sharded and ref is self.param.model
+            yield self.scorer if sharded else SequenceScorer(ref, self.config.scorer.chunk_size)
+
     def _reference_forward(self, batch: PreferenceBatch) -> torch.Tensor:
-        with torch.no_grad(), self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
-            return SequenceScorer(ref, self.config.scorer.chunk_size)(**batch.scorer_inputs())[0]
+        with torch.no_grad(), self.reference_scorer() as ref, eval_mode(ref), self.accelerator.autocast():
+            return ref(**batch.scorer_inputs())[0]
 
     def reference_logps(self, indices: list[int], batch: PreferenceBatch) -> torch.Tensor | None:
         """(2B,) reference log-probs of the batch's chosen then rejected: from the cache, the missing ones computed
@@ -271,6 +279,8 @@ class OfflineRun:
             return self._reference_forward(batch)
         keys = [self.train_keys[i] for i in indices]
         values, missing = self.ref_cache.lookup(keys)
+        if self.sharded and self._anywhere(bool(missing)):  # a collective forward: all processes or none
+            missing = list(range(len(keys)))
         if missing:
             sub = batch if len(missing) == len(indices) else self.collate([indices[j] for j in missing])
             logps, m = self._reference_forward(sub).float().cpu(), len(missing)
@@ -284,9 +294,12 @@ class OfflineRun:
         todo = sorted((i for i in own if self.train_keys[i] not in self.ref_cache.values),
                       key=lambda i: self.train_pairs[i].num_tokens)
         t0, bs = time.perf_counter(), self.config.train.eval_batch_size
-        for start in tqdm(range(0, len(todo), bs), desc="reference", unit="batch",
+        chunks = [todo[start:start + bs] for start in range(0, len(todo), bs)]
+        if self.sharded:  # the same number of (collective) forwards on every process: the short ones repeat one
+            most = int(self.accelerator.gather(torch.tensor([len(chunks)], device=self.accelerator.device)).max())
+            chunks += [chunks[-1] if chunks else [own[0] if own else 0]] * (most - len(chunks))
+        for chunk in tqdm(chunks, desc="reference", unit="batch",
                           disable=not (self.config.train.progress and self.accelerator.is_main_process)):
-            chunk = todo[start:start + bs]
             self.reference_logps(chunk, self.collate(chunk))
         self.ref_cache.save()
         self.accelerator.wait_for_everyone()
@@ -411,8 +424,8 @@ class OfflineRun:
         if not self.eval_pairs:
             return None
         if self._eval_reference is None:
-            with self.param.reference() as ref, eval_mode(ref), self.accelerator.autocast():
-                self._eval_reference = self.score(SequenceScorer(ref, self.config.scorer.chunk_size), self.eval_pairs)
+            with self.reference_scorer() as ref, eval_mode(ref), self.accelerator.autocast():
+                self._eval_reference = self.score(ref, self.eval_pairs)
         if policy_is_reference:
             policy = self._eval_reference
         else:
@@ -431,27 +444,57 @@ class OfflineRun:
         path = None
         if self.ref_cache is not None:  # every process writes its own file
             self.ref_cache.save()
-        trainable = self.param.trainable_state_dict()
+        main = self.accelerator.is_main_process
+        trainable = self.trainable_state(keep=main)
         bad = [n for n, t in trainable.items() if not torch.isfinite(t).all()]
-        if bad:  # never a checkpoint a resume would have to throw away
+        if self._anywhere(bool(bad)):  # never a checkpoint a resume would have to throw away
             raise TrainingError(f"refusing to write the checkpoint of step {self.state['step']}: non-finite values in "
                                 f"{bad[:3]}{' and more' if len(bad) > 3 else ''}; the previous checkpoint is intact")
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer = gather_optimizer_state(optimizer, keep=main)
         rng = rng_state()
         if self.world > 1:  # every process's generators: their dropout masks differ with their batches
             states = [None] * self.world
             torch.distributed.all_gather_object(states, rng)
             rng = {"processes": states}
-        if self.accelerator.is_main_process:
-            path = save_checkpoint(self.run_dir, self.state["step"], trainable, self.optimizer, self.scheduler,
+        if main:
+            path = save_checkpoint(self.run_dir, self.state["step"], trainable, optimizer, self.scheduler.state_dict(),
                                    dict(self.state), self.config.train.save_total_limit, rng)
             _write_json(self.run_dir / "eval.json", self.eval_record)
         self.accelerator.wait_for_everyone()
         return path
 
+    def trainable_state(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The trained tensors, whole (gathered from the shards under FSDP: a collective, every process calls it);
+        where not ``keep``, an empty dict."""
+        state = self.param.trainable_state_dict()
+        return gather_named(state, keep) if self.sharded else state
+
+    def whole_policy(self) -> Parametrization | None:
+        """The trained policy with whole weights, for generation and ``final/``: the parametrization itself, or under
+        FSDP an unsharded copy that the main process builds from the gathered trained tensors (None elsewhere)."""
+        if not self.sharded:
+            return self.param
+        state = self.trainable_state(keep=self.accelerator.is_main_process)
+        if not self.accelerator.is_main_process:
+            return None
+        mc = self.config.model
+        policy = self.build_parametrization(load_model(mc.name, mc.dtype, mc.attn_implementation))
+        policy.load_trainable_state_dict(state)
+        policy.place(self.accelerator.device)
+        return policy
+
     def restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        optimizer = ckpt["optimizer"]
+        if self.sharded:  # the checkpoint holds whole tensors: this process takes its shards
+            params = dict(self.param.model.named_parameters())
+            ckpt["trainable"] = {n: shard_like(t, params[n]) if n in params else t
+                                 for n, t in ckpt["trainable"].items()}
+            optimizer = shard_optimizer_state(optimizer, [p for g in self.optimizer.param_groups for p in g["params"]])
         self.param.load_trainable_state_dict(ckpt["trainable"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         rng = ckpt["rng"]
         if "processes" in rng:
@@ -548,13 +591,14 @@ class OfflineRun:
         if self.eval_record["after"]:  # (a finished run resumed evaluates its last step again: keep one entry)
             self.eval_record["history"] = [h for h in self.eval_record["history"] if h["step"] != self.state["step"]]
             self.eval_record["history"].append({"step": self.state["step"], **self.eval_record["after"]})
+        policy = self.whole_policy()
         if self.config.eval.task and main:
             evaluator = GenerationEvaluator(self.tokenizer, self.config.eval)
-            result = evaluator.evaluate(self.param.model, self.param.reference)
+            result = evaluator.evaluate(policy.model, policy.reference)
             self.eval_record["generation"] = {self.config.eval.task: result}
         self.save()
         if main:
-            self.param.save_final(self.run_dir / "final")
+            policy.save_final(self.run_dir / "final")
             self.tokenizer.save_pretrained(self.run_dir / "final")
         if tc.report_to:
             self.accelerator.end_training()
@@ -565,6 +609,7 @@ class OfflineRun:
 def train(config: Config) -> RunResult:
     """Runs ``config`` under its schedule: ``offline`` (this module), ``apo`` (preflab.train.apo), ``ofs``
     (preflab.train.ofs) or ``cofs`` (preflab.train.cofs)."""
+    check_engine(config)  # before any work: what FSDP and DeepSpeed refuse
     if config.schedule == "apo":
         from .apo import ApoRun
 

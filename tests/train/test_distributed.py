@@ -147,17 +147,3 @@ def test_apo_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
     a, b = (load_model(str(tmp_path / r / "iter-1" / "extrapolated")).state_dict() for r in ("ddp", "single"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
-
-
-def test_fsdp_and_deepspeed_are_refused_with_a_clear_error():
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from preflab.config import ConfigError
-    from preflab.train.loop import _check_distributed
-
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(ConfigError, match=r"not supported yet .* DDP config \(configs/accelerate/ddp.yaml\)"):
-            _check_distributed(SimpleNamespace(distributed_type=kind))
-    _check_distributed(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
