@@ -27,9 +27,13 @@ class Parametrization(ABC):
     def reference(self) -> AbstractContextManager[nn.Module]:
         """Context yielding the module whose forward is the reference policy (run it under no_grad)."""
 
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters that training changes, by name (the objects themselves: a distributed engine's shards)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors that training changes, by parameter name: what a checkpoint must hold."""
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach() for n, p in self.trainable_parameters().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
@@ -48,8 +52,9 @@ class Parametrization(ABC):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            n = getattr(p, "ds_numel", p.numel())  # a DeepSpeed ZeRO-3 partitioned parameter holds no data
+            total += n
+            trainable += n if p.requires_grad else 0
         return trainable, total
 
     @abstractmethod

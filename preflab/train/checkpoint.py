@@ -3,7 +3,8 @@
 A checkpoint is a directory ``checkpoints/step-00000042/`` holding
 
 - ``trainable.safetensors``: the tensors training changes (the adapter, or every weight);
-- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict``;
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict`` (under DeepSpeed, ``deepspeed/`` holds the optimizer
+  state instead: the engine's own files, every process its partition);
 - ``rng.pt``: Python, NumPy and torch (CPU and CUDA) generator states — of every process under DDP
   (``{"processes": [...]}``, one per rank: each process draws its own dropout masks);
 - ``state.json``: step, data position, counters.
@@ -47,25 +48,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict, scheduler: dict,
-                    state: dict, keep_last: int | None = None, rng: dict | None = None) -> Path:
-    """Writes the checkpoint of ``step`` (``optimizer``, ``scheduler``: their ``state_dict``); ``rng`` defaults to
-    this process's generator states."""
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """The temporary directory the checkpoint of ``step`` is written into (cleared of saves a crash left behind).
+    Engines that write their own part (DeepSpeed, every process its partition) write it here before the commit."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
     for stale in root.glob(".step-*.tmp-*"):  # left by a process killed mid-save; never a valid checkpoint
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
+    return Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.tmp-", dir=root))
+
+
+def commit_checkpoint(tmp: Path, run_dir: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: dict | None,
+                      scheduler: dict, state: dict, keep_last: int | None = None, rng: dict | None = None) -> Path:
+    """Writes the rest of the checkpoint of ``step`` into ``tmp`` (``optimizer``: its ``state_dict``, None when the
+    engine wrote its own), syncs every file and renames ``tmp`` into place; ``rng`` defaults to this process's
+    generator states."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-        torch.save(optimizer, tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer, tmp / "optimizer.pt")
         torch.save(scheduler, tmp / "scheduler.pt")
         torch.save(rng_state() if rng is None else rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if f.is_file():
+                with f.open("rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():  # a re-save of the same step (e.g. the end of a finished run resumed)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -97,7 +107,8 @@ def load_checkpoint(path: Path) -> dict:
         raise FileNotFoundError(f"resume: {path} is not a complete preflab checkpoint (no {STATE_FILE})")
     return {
         "trainable": load_file(path / "trainable.safetensors"),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        if (path / "optimizer.pt").is_file() else None,  # None: the engine's own files (deepspeed/)
         "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False),
         "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=False),
         "state": json.loads((path / STATE_FILE).read_text()),

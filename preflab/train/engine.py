@@ -2,25 +2,63 @@
 
 ``accelerate launch`` tells every process its engine through the environment: ``ACCELERATE_USE_FSDP=true``
 (FSDP, accelerate's FSDP2 plugin), ``ACCELERATE_USE_DEEPSPEED=true`` (DeepSpeed ZeRO), neither with several
-processes (DDP). On a machine without GPUs accelerate 1.15 starts gloo process groups but builds DDP only; preflab
-then sets the process state up so that FSDP2 runs over gloo too (the CPU test of the sharded path).
+processes (DDP). On a machine without GPUs accelerate 1.15 builds DDP over gloo only; preflab sets the process state
+up so that FSDP2 and DeepSpeed run over gloo too (the CPU tests of those paths).
 
-Under FSDP the trained tensors are ``DTensor`` shards. preflab keeps one checkpoint and ``final/`` format for every
-engine: whole tensors by parameter name (gathered to the main process one tensor at a time) and the optimizer state
-in torch's own layout with whole tensors, so a run resumes under any engine and any number of processes.
+Under FSDP and ZeRO-3 the trained tensors are shards (``DTensor``, or DeepSpeed's partitioned parameters). preflab
+keeps one format for ``final/`` and for the weights of a checkpoint under every engine: whole tensors by parameter
+name, gathered to the main process one tensor at a time. Under FSDP the optimizer state is gathered the same way
+(torch's layout, whole tensors), so an FSDP checkpoint resumes under any engine and number of processes; DeepSpeed
+keeps its own partitioned optimizer state (``deepspeed/`` in the checkpoint), resumable under DeepSpeed with the
+same number of processes.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TrainConfig
 
-SHARDED = ("fsdp",)  # engines whose processes hold shards of the trained tensors
+
+@dataclass(frozen=True)
+class Engine:
+    name: str  # single | ddp | fsdp | deepspeed
+    zero_stage: int = 0  # DeepSpeed's ZeRO stage
+
+    @property
+    def shards_weights(self) -> bool:
+        """Each process holds a shard of every weight: forwards are collectives, whole tensors must be gathered."""
+        return self.name == "fsdp" or self.zero_stage == 3
+
+    @property
+    def owns_step(self) -> bool:
+        """Accumulation, clipping and the update run inside the engine (DeepSpeed), not in preflab's loop."""
+        return self.name == "deepspeed"
+
+    @contextmanager
+    def plain_models(self):
+        """Within it transformers treats models as plain, one-process ones. With a ZeRO-3 config registered it would
+        partition a model while loading it and sync generation over the processes: collectives every process must
+        join (the main process's unsharded copy would hang), and a partitioned model gives no reference copy.
+        preflab loads models whole; the engine partitions the policy when it is built."""
+        if self.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if registered is not None and registered() is not None:
+                hf_deepspeed.set_hf_deepspeed_config(registered())
 
 
 def launched_engine() -> str:
@@ -37,36 +75,53 @@ def cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def make_accelerator(**kwargs) -> Accelerator:
+def make_accelerator(**kwargs) -> tuple[Accelerator, Engine]:
     """The run's ``Accelerator`` for the launched engine (``kwargs``: mixed precision, trackers, project dir)."""
-    if launched_engine() == "fsdp" and cpu_processes():
+    name = launched_engine()
+    if name == "deepspeed":
+        if cpu_processes():  # accelerate would count one process: name the gloo group it must join
+            PartialState(backend="gloo")
+        accelerator = Accelerator(**kwargs)
+        return accelerator, Engine(name, accelerator.state.deepspeed_plugin.zero_stage)
+    if name == "fsdp" and cpu_processes():
         # accelerate builds FSDP only from a GPU process type; the gloo process group serves FSDP2 as it is
         PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
-    return Accelerator(cpu=cpu_processes(), **kwargs)
+    return Accelerator(cpu=cpu_processes(), **kwargs), Engine(name)
 
 
-# what each engine refuses, checked before any work: (condition on the config, what to say)
-_FSDP_REFUSALS = (
+def configure_deepspeed(accelerator: Accelerator, train: TrainConfig) -> None:
+    """DeepSpeed's batch, accumulation and clipping come from ``train.*`` (the config file's values are replaced)."""
+    world = accelerator.num_processes
+    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=train.batch_size, gradient_accumulation_steps=train.grad_accum,
+        train_batch_size=train.batch_size * train.grad_accum * world, gradient_clipping=train.max_grad_norm or 0.0)
+
+
+# what FSDP and DeepSpeed refuse, checked before any work: (condition on the config, what to say)
+_SHARDED_REFUSALS = (
     (lambda c: c.schedule != "offline",
-     lambda c: f"schedule {c.schedule} swaps, merges or extrapolates whole weights between steps; under FSDP only the "
-               "offline schedule is supported"),
+     lambda c: f"schedule {c.schedule} swaps, merges or extrapolates whole weights between steps; only the offline "
+               "schedule is supported"),
     (lambda c: c.optim.name != "adamw",
-     lambda c: f"optim.name={c.optim.name} merges every update with whole task vectors; under FSDP use adamw"),
+     lambda c: f"optim.name={c.optim.name} merges every update with whole task vectors; use adamw"),
     (lambda c: c.diag.enabled,
-     lambda c: "the 3D diagnostics sample and measure with unsharded weights; set diag.enabled=false under FSDP"),
+     lambda c: "the 3D diagnostics sample and measure with unsharded weights; set diag.enabled=false"),
 )
 
 
 def check_engine(config: Config, engine: str | None = None) -> None:
     """A clear error, before any work, for a combination the launched engine does not support."""
     engine = engine or launched_engine()
-    if engine == "deepspeed":
-        raise ConfigError("accelerate: DeepSpeed is not supported yet (its ZeRO optimizer keeps its own partitioned "
-                          "state and step logic); launch with configs/accelerate/fsdp.yaml (sharded) or ddp.yaml")
-    if engine == "fsdp":
-        for refused, message in _FSDP_REFUSALS:
-            if refused(config):
-                raise ConfigError(f"accelerate FSDP: {message(config)} (or launch with configs/accelerate/ddp.yaml)")
+    if engine not in ("fsdp", "deepspeed"):
+        return
+    label = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[engine]
+    for refused, message in _SHARDED_REFUSALS:
+        if refused(config):
+            raise ConfigError(f"accelerate {label}: {message(config)} under {label} (or launch with "
+                              "configs/accelerate/ddp.yaml)")
+    if engine == "deepspeed" and config.train.on_nonfinite == "skip":
+        raise ConfigError("accelerate DeepSpeed: train.on_nonfinite=skip cannot skip an update that DeepSpeed applies "
+                          "inside its backward; use train.on_nonfinite=stop (or launch with another engine)")
 
 
 # -- whole tensors from shards and back --------------------------------------------------------------------------
@@ -80,7 +135,14 @@ def is_sharded(tensor) -> bool:
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on the CPU (a collective for a shard: every process calls it, in the same order)."""
-    return (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().cpu()
+    if is_sharded(tensor):
+        return tensor.detach().full_tensor().cpu()
+    if hasattr(tensor, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().cpu().clone()
+    return tensor.detach().cpu()
 
 
 def gather_named(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:

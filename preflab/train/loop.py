@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 from transformers import get_scheduler
 
@@ -44,13 +44,12 @@ from ..models.loader import load_model, load_tokenizer
 from ..models.reference_cache import ReferenceCache, default_cache_dir, model_fingerprint, pair_key
 from ..models.scorer import SequenceScorer
 from ..optim.merging import MergingOptions, OnDAREAdamW, OnTIESAdamW, task_vectors_by_name
-from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import begin_checkpoint, commit_checkpoint, list_checkpoints, load_checkpoint, rng_state, set_rng_state
 from .engine import (
-    SHARDED,
     check_engine,
+    configure_deepspeed,
     gather_named,
     gather_optimizer_state,
-    launched_engine,
     make_accelerator,
     shard_like,
     shard_optimizer_state,
@@ -60,6 +59,9 @@ from .order import BatchOrder
 from .safety import StopRequest, TrainingInterrupted, check_disk_space, checkpoint_bytes
 
 log = logging.getLogger(__name__)
+
+
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed engine files
 
 
 class TrainingError(RuntimeError):
@@ -185,11 +187,16 @@ class OfflineRun:
         # that chain runs) may differ in precision. The process-group state (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
         check_engine(config)
-        self.sharded = launched_engine() in SHARDED  # the trained tensors are shards (FSDP)
-        self.accelerator = make_accelerator(mixed_precision="bf16" if tc.precision == "bf16" else "no",
-                                            log_with=list(tc.report_to) or None, project_dir=str(self.run_dir))
+        self.accelerator, self.engine = make_accelerator(
+            mixed_precision="bf16" if tc.precision == "bf16" else "no", log_with=list(tc.report_to) or None,
+            project_dir=str(self.run_dir))
+        self.sharded = self.engine.shards_weights  # each process holds shards of the weights (FSDP, ZeRO-3)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        log.info("engine %s: %d process%s", launched_engine(), self.world, "es" if self.world > 1 else "")
+        log.info("engine %s%s: %d process%s", self.engine.name,
+                 f" ZeRO-{self.engine.zero_stage}" if self.engine.name == "deepspeed" else "", self.world,
+                 "es" if self.world > 1 else "")
+        if self.engine.name == "deepspeed":
+            configure_deepspeed(self.accelerator, tc)
         set_seed(config.seed)
         self.tokenizer = load_tokenizer(config.model.name)
         dc = config.data
@@ -200,13 +207,14 @@ class OfflineRun:
         if dc.eval:
             self.eval_pairs, report = load_pairs(dc.eval, dc.eval_split, pair_tokenizer, dc.on_error, dc.max_eval_pairs)
             self.reports.append(report.summary())
-        model = load_model(config.model.name, config.model.dtype, config.model.attn_implementation)
+        with self.engine.plain_models():
+            model = load_model(config.model.name, config.model.dtype, config.model.attn_implementation)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.param = self.build_parametrization(model)
         self.objective: Objective = build_objective([t.to_dict() for t in config.loss])
         self.train_keys = [pair_key(p) for p in self.train_pairs]
-        self.ref_cache = None  # opened before the weights are prepared (sharded, under FSDP)
+        self.ref_cache = None  # opened before the weights are prepared (sharded under FSDP and ZeRO-3)
         if config.scorer.reference_cache != "none" and not self.objective.reference_free:
             self.ref_cache = self._open_reference_cache()
         # a global batch of batch_size pairs per process; process r takes every world-th pair of it
@@ -353,12 +361,24 @@ class OfflineRun:
             if self._anywhere(not torch.isfinite(loss).item()):
                 self._nonfinite(f"non-finite loss ({out.losses.mean().item()})", indices)
                 return None
-            self.accelerator.backward(loss * scale)
+            self.backward(loss * scale, sync)
         self.state["tokens"] += batch.num_tokens
         return pair_metrics(pair, out)
 
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        """Backward of one micro-batch (``sync``: the last of the update). Under DeepSpeed the engine also clips and
+        updates at the last one (its boundary set from ``sync``, the loss already scaled for the accumulation)."""
+        if self.engine.owns_step:
+            self.scorer.set_gradient_accumulation_boundary(sync)
+            self.scorer.backward(loss, scale_wrt_gas=False)
+            self.scorer.step()
+        else:
+            self.accelerator.backward(loss)
+
     def clip_gradients(self, max_norm: float, record: dict) -> float:
         """Clips the trainable gradients to ``max_norm`` (inf: measures only); returns the norm before clipping."""
+        if self.engine.owns_step:  # DeepSpeed clipped (train.max_grad_norm) when it updated, in the last backward
+            return float(self.scorer.get_global_grad_norm())
         params = [p for p in self.param.model.parameters() if p.requires_grad]
         return float(self.accelerator.clip_grad_norm_(params, max_norm))
 
@@ -450,51 +470,79 @@ class OfflineRun:
         if self._anywhere(bool(bad)):  # never a checkpoint a resume would have to throw away
             raise TrainingError(f"refusing to write the checkpoint of step {self.state['step']}: non-finite values in "
                                 f"{bad[:3]}{' and more' if len(bad) > 3 else ''}; the previous checkpoint is intact")
-        optimizer = self.optimizer.state_dict()
-        if self.sharded:
+        optimizer = None if self.engine.owns_step else self.optimizer.state_dict()
+        if self.sharded and optimizer is not None:
             optimizer = gather_optimizer_state(optimizer, keep=main)
         rng = rng_state()
         if self.world > 1:  # every process's generators: their dropout masks differ with their batches
             states = [None] * self.world
             torch.distributed.all_gather_object(states, rng)
             rng = {"processes": states}
+        tmp = begin_checkpoint(self.run_dir, self.state["step"]) if main else None
+        if self.engine.owns_step:  # DeepSpeed: every process writes its optimizer partition into the main's directory
+            tmp = broadcast_object_list([tmp])[0]
+            self.scorer.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag="state", save_latest=False,
+                                        exclude_frozen_parameters=True)
+            self.accelerator.wait_for_everyone()
         if main:
-            path = save_checkpoint(self.run_dir, self.state["step"], trainable, optimizer, self.scheduler.state_dict(),
-                                   dict(self.state), self.config.train.save_total_limit, rng)
+            path = commit_checkpoint(tmp, self.run_dir, self.state["step"], trainable, optimizer,
+                                     self.scheduler.state_dict(), dict(self.state), self.config.train.save_total_limit,
+                                     rng)
             _write_json(self.run_dir / "eval.json", self.eval_record)
         self.accelerator.wait_for_everyone()
         return path
 
     def trainable_state(self, keep: bool = True) -> dict[str, torch.Tensor]:
-        """The trained tensors, whole (gathered from the shards under FSDP: a collective, every process calls it);
-        where not ``keep``, an empty dict."""
-        state = self.param.trainable_state_dict()
-        return gather_named(state, keep) if self.sharded else state
+        """The trained tensors, whole (gathered from the shards under FSDP and ZeRO-3: a collective, every process
+        calls it); where not ``keep``, an empty dict."""
+        if self.sharded:  # the parameters themselves: a detached ZeRO-3 parameter no longer knows its partitions
+            return gather_named(self.param.trainable_parameters(), keep)
+        return self.param.trainable_state_dict()
 
     def whole_policy(self) -> Parametrization | None:
         """The trained policy with whole weights, for generation and ``final/``: the parametrization itself, or under
-        FSDP an unsharded copy that the main process builds from the gathered trained tensors (None elsewhere)."""
+        FSDP and ZeRO-3 an unsharded copy that the main process builds from the gathered trained tensors (None
+        elsewhere)."""
         if not self.sharded:
             return self.param
         state = self.trainable_state(keep=self.accelerator.is_main_process)
         if not self.accelerator.is_main_process:
             return None
         mc = self.config.model
-        policy = self.build_parametrization(load_model(mc.name, mc.dtype, mc.attn_implementation))
+        with self.engine.plain_models():
+            policy = self.build_parametrization(load_model(mc.name, mc.dtype, mc.attn_implementation))
         policy.load_trainable_state_dict(state)
         policy.place(self.accelerator.device)
         return policy
 
+    def _check_engine_of(self, path: Path) -> None:
+        """A DeepSpeed checkpoint's optimizer state is DeepSpeed's, partitioned over its processes: it resumes under
+        DeepSpeed with as many processes, and a checkpoint of another engine does not resume under DeepSpeed."""
+        parts = len(list((path / DEEPSPEED_DIR).glob("state/*optim_states.pt")))
+        if self.engine.owns_step and parts != self.world:
+            written = f"under DeepSpeed with {parts} processes" if parts else "without DeepSpeed"
+            raise ConfigError(f"resume: {path} was written {written}; under DeepSpeed resume it with that engine and "
+                              "number of processes (or start a new output_dir)")
+        if not self.engine.owns_step and parts:
+            raise ConfigError(f"resume: {path} was written under DeepSpeed (its optimizer state is DeepSpeed's, "
+                              f"partitioned over {parts} processes); resume it under DeepSpeed with {parts} processes")
+
     def restore(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        optimizer = ckpt["optimizer"]
-        if self.sharded:  # the checkpoint holds whole tensors: this process takes its shards
-            params = dict(self.param.model.named_parameters())
-            ckpt["trainable"] = {n: shard_like(t, params[n]) if n in params else t
-                                 for n, t in ckpt["trainable"].items()}
-            optimizer = shard_optimizer_state(optimizer, [p for g in self.optimizer.param_groups for p in g["params"]])
-        self.param.load_trainable_state_dict(ckpt["trainable"])
-        self.optimizer.load_state_dict(optimizer)
+        self._check_engine_of(path)
+        if self.engine.owns_step:  # DeepSpeed's files: the trained weights and this process's optimizer partition
+            self.scorer.load_checkpoint(str(path / DEEPSPEED_DIR), tag="state", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        else:
+            optimizer = ckpt["optimizer"]
+            if self.sharded:  # the checkpoint holds whole tensors: this process takes its shards
+                params = dict(self.param.model.named_parameters())
+                ckpt["trainable"] = {n: shard_like(t, params[n]) if n in params else t
+                                     for n, t in ckpt["trainable"].items()}
+                optimizer = shard_optimizer_state(optimizer,
+                                                  [p for g in self.optimizer.param_groups for p in g["params"]])
+            self.param.load_trainable_state_dict(ckpt["trainable"])
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         rng = ckpt["rng"]
         if "processes" in rng:
@@ -594,7 +642,8 @@ class OfflineRun:
         policy = self.whole_policy()
         if self.config.eval.task and main:
             evaluator = GenerationEvaluator(self.tokenizer, self.config.eval)
-            result = evaluator.evaluate(policy.model, policy.reference)
+            with self.engine.plain_models():  # the main process alone
+                result = evaluator.evaluate(policy.model, policy.reference)
             self.eval_record["generation"] = {self.config.eval.task: result}
         self.save()
         if main:

@@ -111,7 +111,7 @@ class OfsRun(OfflineRun):
             # a fused step's recomputation (gradient checkpointing) must route rows as its forward did; separate
             # forwards hold their graphs and are refused with checkpointing
             with pair.routed("split", rows) if oc.fused_forward else nullcontext():
-                self.accelerator.backward(loss * scale)
+                self.backward(loss * scale, sync)
         self.state["tokens"] += batch.num_tokens
         record = pair_metrics(logps[leader], outs[leader])
         gap = (margins[leader] - margins[chaser]).detach()  # per pair, averaged by the accumulator

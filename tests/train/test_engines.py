@@ -1,0 +1,110 @@
+"""FSDP (accelerate's FSDP2 plugin) and DeepSpeed ZeRO-2/3 on 2 CPU processes over gloo, launched with the shipped
+accelerate configs: the same losses, weights and generations as one process with the same global batch;
+checkpoints that resume (FSDP's under any engine, DeepSpeed's under DeepSpeed); a clear error for what they refuse."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import sentiment_rows, write_jsonl
+from safetensors.torch import load_file
+from test_distributed import _args, _free_port, _losses
+
+from preflab.config import ConfigError, load_config
+from preflab.train.checkpoint import list_checkpoints
+from preflab.train.engine import check_engine
+from preflab.train.loop import train
+
+ACCELERATE_CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
+ENGINES = {"fsdp": ("fsdp.yaml", "engine fsdp: 2 processes"),
+           "zero2": ("deepspeed_zero2.yaml", "engine deepspeed ZeRO-2: 2 processes"),
+           "zero3": ("deepspeed_zero3.yaml", "engine deepspeed ZeRO-3: 2 processes")}
+WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+
+
+def _accelerate_launch(engine: str, args: list[str]) -> None:
+    config, banner = ENGINES[engine]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           str(ACCELERATE_CONFIGS / config), "--main_process_port", str(_free_port()), "-m", "preflab.cli", "train",
+           *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a collective out of step hangs
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert banner in proc.stderr
+
+
+def _assert_same_weights(a_file: Path, b_file: Path, atol: float) -> None:
+    a, b = load_file(a_file), load_file(b_file)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=atol)
+
+
+@pytest.mark.parametrize(("engine", "kind", "reference_cache"), [
+    ("fsdp", "lora", "lazy"), ("fsdp", "full", "precompute"), ("zero2", "lora", "lazy"),
+    ("zero3", "lora", "precompute"), ("zero3", "full", "lazy")])
+def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_dir, tmp_path, engine, kind,
+                                                                   reference_cache):
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(11))
+    extra = [f"data.eval={data}", "train.save_steps=2", f"scorer.reference_cache={reference_cache}",
+             f"scorer.reference_cache_dir={tmp_path / 'cache'}"] + (["train.lr=1e-3"] if kind == "full" else [])
+    if engine == "zero3":  # the main process generates alone with an unsharded copy while the others wait
+        extra += ["eval.task=sentiment", "eval.num_prompts=4", "eval.max_new_tokens=8"]
+    # 5 of the 11 pairs' reference log-probs cached: a sharded reference forward is a collective, which the
+    # processes must run together even where one of them finds its pairs in the cache
+    train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "warm", 4, kind), *extra,
+                             "data.max_train_pairs=5", "train.max_steps=1", "eval.task=null"]))
+    _accelerate_launch(engine, [*_args(tiny_model_dir, data, tmp_path / "multi", 2, kind), *extra])
+    train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "single", 4, kind), *extra]))
+
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    assert _losses(multi) == pytest.approx(_losses(single), abs=1e-5)
+    # checkpoints and final/ hold whole tensors by parameter name, as one process writes them
+    for part in ("checkpoints/step-00000002/trainable.safetensors", f"final/{WEIGHTS[kind]}"):
+        _assert_same_weights(multi / part, single / part, atol=1e-4)
+    if engine == "zero3":
+        gens = [json.loads((r / "eval.json").read_text())["generation"]["sentiment"] for r in (multi, single)]
+        assert gens[0]["gold/kl"] == pytest.approx(gens[1]["gold/kl"], abs=1e-4)
+        assert gens[0]["gold/reward"] == gens[1]["gold/reward"]
+
+    # the step-2 checkpoint resumed finishes as the uninterrupted run did: FSDP's (whole tensors) by one process,
+    # DeepSpeed's (its partitioned optimizer state) under DeepSpeed with as many processes
+    resumed = tmp_path / "resumed"
+    shutil.copytree(multi, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(list_checkpoints(resumed)[-1])
+    again = [*extra, "resume=auto", "eval.task=null"]
+    if engine == "fsdp":
+        train(load_config(None, [*_args(tiny_model_dir, data, resumed, 4, kind), *again]))
+    else:
+        with pytest.raises(ConfigError, match="written under DeepSpeed .* resume it under DeepSpeed with 2 processes"):
+            train(load_config(None, [*_args(tiny_model_dir, data, resumed, 4, kind), *again]))
+        _accelerate_launch(engine, [*_args(tiny_model_dir, data, resumed, 2, kind), *again])
+    _assert_same_weights(resumed / "final" / WEIGHTS[kind], multi / "final" / WEIGHTS[kind], atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize(("override", "match"), [
+    ("schedule=ofs", "schedule ofs .* only the offline schedule"),
+    ("schedule=apo", "schedule apo .* only the offline schedule"),
+    ("optim={name: ondare_adamw, base_model: m}", "optim.name=ondare_adamw .* use adamw"),
+    ("diag.enabled=true", "set diag.enabled=false"),
+])
+def test_sharding_engines_refuse_what_needs_whole_weights_before_any_work(engine, override, match):
+    config = load_config(None, ["diag.enabled=false", override])
+    with pytest.raises(ConfigError, match=match):
+        check_engine(config, engine)
+    check_engine(config, "ddp")
+
+
+def test_deepspeed_refuses_skipping_updates_it_applies_itself():
+    config = load_config(None, ["diag.enabled=false", "train.on_nonfinite=skip"])
+    with pytest.raises(ConfigError, match="DeepSpeed: train.on_nonfinite=skip .* use train.on_nonfinite=stop"):
+        check_engine(config, "deepspeed")
+    for engine in ("single", "ddp", "fsdp"):
+        check_engine(config, engine)
