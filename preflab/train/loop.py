@@ -266,10 +266,10 @@ class OfflineRun:
 
     @contextmanager
     def reference_scorer(self):
-        """The reference as a scorer. Under FSDP, when it is the policy's own network with the trained part switched
-        off, that is the prepared scorer (only its root gathers the sharded embeddings and head); its forward is then
-        a collective, which :meth:`reference_logps` and :meth:`precompute_reference` run on every process alike.
-        Otherwise a plain scorer: no collective (DDP's wrapper would broadcast buffers)."""
+        """The reference as a scorer. Under FSDP and ZeRO-3, when it is the policy's own network with the trained part
+        switched off, that is the prepared scorer (under FSDP only its root gathers the sharded embeddings and head);
+        its forward is then a collective, which :meth:`reference_logps` and :meth:`precompute_reference` run on every
+        process alike. Otherwise a plain scorer: no collective (DDP's wrapper would broadcast buffers)."""
         with self.param.reference() as ref:
             sharded = self.sharded and ref is self.param.model
             yield self.scorer if sharded else SequenceScorer(ref, self.config.scorer.chunk_size)
