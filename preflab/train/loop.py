@@ -388,18 +388,22 @@ class OfflineRun:
         tokens_before, t0 = self.state["tokens"], time.perf_counter()
         seen: list[int] = []
         skip = False
-        for i in range(tc.grad_accum):
-            full = self.order.batch(self.state["micro"])
-            self.state["micro"] += 1
+        first = self.state["micro"]
+        self.state["micro"] += tc.grad_accum
+        micro = [self.order.batch(first + i) for i in range(tc.grad_accum)]
+        # an epoch's last batch too small to give every process a pair is passed over; the gradients are synced
+        # (DDP) and the update taken (DeepSpeed) at the last micro-batch that runs
+        runs = [i for i, full in enumerate(micro) if len(full) >= self.world]
+        for i, full in enumerate(micro):
             if skip:  # the rest of a skipped update's micro-batches are passed over too
                 continue
-            if len(full) < self.world:  # an epoch's last batch, too small to give every process a pair
-                log.warning("micro-batch %d: %d pairs for %d processes, passed over", self.state["micro"] - 1,
-                            len(full), self.world)
+            if i not in runs:
+                log.warning("micro-batch %d: %d pairs for %d processes, passed over", first + i, len(full),
+                            self.world)
                 continue
             indices = full[self.rank::self.world]
             seen += indices
-            metrics = self.micro_step(indices, len(full), sync=i == tc.grad_accum - 1, scale=1.0 / tc.grad_accum)
+            metrics = self.micro_step(indices, len(full), sync=i == runs[-1], scale=1.0 / tc.grad_accum)
             skip = metrics is None
             if metrics is not None:
                 acc.add(metrics)

@@ -147,3 +147,32 @@ def test_apo_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
     a, b = (load_model(str(tmp_path / r / "iter-1" / "extrapolated")).state_dict() for r in ("ddp", "single"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+_RANK_WEIGHTS = """
+import sys
+from preflab.config import load_config
+from preflab.train.loop import OfflineRun
+run = OfflineRun(load_config(None, sys.argv[1:]))
+run.run()
+total = sum(float(p.detach().double().sum()) for p in run.param.trainable_parameters().values())
+print(f"RANK-WEIGHTS {run.rank} {total!r}", flush=True)
+"""
+
+
+def test_an_update_whose_last_micro_batch_is_passed_over_still_syncs_the_processes(tiny_model_dir, tmp_path):
+    """5 pairs in micro-batches of 4 with grad_accum=2: each update's second micro-batch holds 1 pair for 2
+    processes and is passed over; the gradients must be synced at the first one (the last that runs), else every
+    process steps with its own and the replicas drift apart."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(5))
+    script = tmp_path / "rank_weights.py"
+    script.write_text(_RANK_WEIGHTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script),
+           *_args(tiny_model_dir, data, tmp_path / "ddp", 2, "lora"), "train.grad_accum=2", "train.max_steps=3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "passed over" in proc.stderr
+    sums = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RANK-WEIGHTS"))
+    assert sums.keys() == {"0", "1"} and sums["0"] == sums["1"]
