@@ -157,12 +157,12 @@ def gather_named(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torc
 
 
 def gather_optimizer_state(state_dict: dict, keep: bool) -> dict | None:
-    """An optimizer ``state_dict`` with whole tensors in place of shards (None where not ``keep``)."""
+    """An optimizer ``state_dict`` with whole tensors in place of shards (None where not ``keep``: only the main
+    process holds the whole copies)."""
     state = {}
     for index in sorted(state_dict["state"]):
-        entry = {key: whole(value) if torch.is_tensor(value) else value
-                 for key, value in state_dict["state"][index].items()}
-        state[index] = entry
+        entry = state_dict["state"][index]
+        state[index] = {**entry, **gather_named({k: v for k, v in entry.items() if torch.is_tensor(v)}, keep)}
     return {"state": state, "param_groups": state_dict["param_groups"]} if keep else None
 
 

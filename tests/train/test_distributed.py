@@ -44,12 +44,7 @@ def _losses(run_dir) -> list[float]:
 @pytest.mark.parametrize("kind", ["lora", "full", "ofs"])
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, kind):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(11))  # 11 pairs: the epoch's last batch is uneven
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "preflab.cli", "train",
-           *_args(tiny_model_dir, data, tmp_path / "ddp", 2, kind)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(_args(tiny_model_dir, data, tmp_path / "ddp", 2, kind), tmp_path)
     train(load_config(None, _args(tiny_model_dir, data, tmp_path / "single", 4, kind)))
 
     ddp, single = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
@@ -67,12 +62,14 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
-def _torchrun(args, tmp_path):
+def _torchrun(args, tmp_path, target=("-m", "preflab.cli", "train")) -> subprocess.CompletedProcess:
+    """2 processes running ``target`` (``preflab train``, or a script) with ``args``; they must succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "preflab.cli", "train", *args]
+           "--master_port", str(_free_port()), *target, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def test_a_resumed_ddp_run_restores_each_process_random_state(tiny_model_dir, tmp_path):
@@ -167,12 +164,8 @@ def test_an_update_whose_last_micro_batch_is_passed_over_still_syncs_the_process
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(5))
     script = tmp_path / "rank_weights.py"
     script.write_text(_RANK_WEIGHTS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script),
-           *_args(tiny_model_dir, data, tmp_path / "ddp", 2, "lora"), "train.grad_accum=2", "train.max_steps=3"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun([*_args(tiny_model_dir, data, tmp_path / "ddp", 2, "lora"), "train.grad_accum=2",
+                      "train.max_steps=3"], tmp_path, target=(str(script),))
     assert "passed over" in proc.stderr
     sums = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RANK-WEIGHTS"))
     assert sums.keys() == {"0", "1"} and sums["0"] == sums["1"]
