@@ -76,7 +76,11 @@ def _split_implicit(chosen, rejected, where: str):
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    n = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n)) + 1  # end the prompt at a word boundary
+    # end the prompt at a word boundary, before the whitespace: the response starts with it (" four."), as a
+    # tokenizer joins a word to the space before it (TRL ends the prompt there too)
+    n = max(chosen.rfind(" ", 0, n), chosen.rfind("\n", 0, n)) + 1
+    while n > 0 and chosen[n - 1].isspace():
+        n -= 1
     if n == 0:
         raise RowError(where, "prompt", "missing, and chosen/rejected share no leading text to take it from")
     return chosen[:n], chosen[n:], rejected[n:]

@@ -6,9 +6,11 @@
   model stops generating at EOS, so it never produces it).
 - Standard (string) examples are used as they are, with the tokenizer's special tokens, and the EOS token
   is appended to each response that lacks it.
-- The boundary comes from the joint tokenization of prompt + response. When the prompt tokenized alone is
-  not a prefix of it (a merge across the boundary), the joint tokens after the boundary are the response
-  and the event is counted as ``boundary_mismatch``.
+- The prompt is tokenized on its own (chosen and rejected share it); the response comes from the joint
+  tokenization of prompt + response. When the prompt's tokens are not a prefix of it (a token merged characters
+  across the boundary), the response characters in that token are tokenized on their own and the joint tokens
+  follow (counted as ``boundary_mismatch``): the scored sequence always decodes to exactly the prompt followed
+  by the response, no character dropped or scored twice.
 - ``max_prompt_length`` truncates the prompt (from the left by default: the end of a prompt is what the
   response answers); ``max_length`` then truncates each response from the right.
 """
@@ -73,17 +75,29 @@ class PairTokenizer:
         return prompt_text, responses[0], responses[1], False
 
     def _response_ids(self, prompt_text: str, prompt_ids: list[int], response_text: str, special: bool) -> list[int]:
+        """Token ids of the response such that ``prompt_ids + ids`` decodes to exactly prompt + response.
+
+        They are the joint tokenization's tokens after the prompt's own tokens when the prompt is a prefix of it.
+        Otherwise a token merged characters across the boundary: the joint tokens from the first one that starts
+        inside the response are kept, and the response characters before it (those the straddling token also held)
+        are tokenized on their own, so that no character is scored twice or lost. Where even that does not decode
+        back to the response (a tokenizer that is not byte-exact at that cut), the response is tokenized alone."""
         tok = self.tokenizer
+        alone = lambda text: tok(text, add_special_tokens=False)["input_ids"] if text else []
         if not tok.is_fast:
-            return tok(response_text, add_special_tokens=False)["input_ids"]
+            return alone(response_text)
         joint = tok(prompt_text + response_text, add_special_tokens=special, return_offsets_mapping=True)
         ids = joint["input_ids"]
         if ids[: len(prompt_ids)] == prompt_ids:
             return ids[len(prompt_ids):]
         self.counts["boundary_mismatch"] += 1
-        boundary = next((i for i, (start, end) in enumerate(joint["offset_mapping"])
-                         if end > len(prompt_text) and end > start), len(ids))
-        return ids[boundary:]
+        cut, spans = len(prompt_text), joint["offset_mapping"]
+        first = next((i for i, (start, end) in enumerate(spans) if start >= cut and end > start), len(ids))
+        start = spans[first][0] if first < len(ids) else cut + len(response_text)
+        ids = alone(response_text[: start - cut]) + ids[first:]
+        if tok.decode(ids, clean_up_tokenization_spaces=False) != response_text:
+            ids = alone(response_text)
+        return ids
 
     def __call__(self, example: Example) -> TokenizedPair:
         prompt_text, chosen_text, rejected_text, special = self.render(example)

@@ -30,7 +30,9 @@ def test_implicit_prompt_conversations():
 
 def test_implicit_prompt_strings_split_at_a_word_boundary():
     ex = normalize_row({"chosen": "The answer is four.", "rejected": "The answer is five."}, "w")
-    assert (ex.prompt, ex.chosen, ex.rejected) == ("The answer is ", "four.", "five.")
+    assert (ex.prompt, ex.chosen, ex.rejected) == ("The answer is", " four.", " five.")
+    ex = normalize_row({"chosen": "Q: two?\n\nYes.", "rejected": "Q: two?\n\nNo."}, "w")
+    assert (ex.prompt, ex.chosen, ex.rejected) == ("Q: two?", "\n\nYes.", "\n\nNo.")
 
 
 @pytest.mark.parametrize("row,field,text", [
