@@ -31,7 +31,12 @@ class MergingOptions:
     alpha: float = 1e-7  # weight of the task vector in the merge
     merge: bool = True  # false: OnDARE is pure step dropout; OnTIES still elects δ̃ against τ̃
     clip: float = 1.0  # OnDARE: τ̃ clamped to ±clip (the reference's cap)
-    rescale: str = field(default="inverse_p", metadata={"choices": ("inverse_p", "none", "l1")})
+    # OnDARE: inverse_p (default: 1/p on τ̃ and the kept step, as dropout scales), none (the paper's Eq. 4: no
+    # rescale), l1 (1/p, then the kept step scaled to the L1 norm of the whole step and clamped to ±clip: the
+    # reference's rescale flag). OnTIES: none (default) or l1 (trimmed τ̃ and δ̃ each scaled back to the L1 norm of
+    # the untrimmed tensor, the reference's flag); top-k keeps no random share, so inverse_p is refused there.
+    # null: the optimizer's default.
+    rescale: str | None = field(default=None, metadata={"choices": (None, "inverse_p", "none", "l1")})
     ties_election: str = field(default="unweighted", metadata={"choices": ("unweighted", "weighted")})
     online_step: int = 1  # K: merge every K-th step of a tensor
     alpha_schedule: str = field(default="constant", metadata={"choices": ("constant", "lr_ratio")})
@@ -82,6 +87,10 @@ def ties_merge(tau: Tensor, delta: Tensor, alpha: float, election: str = "unweig
 class _MergingAdamW(torch.optim.Optimizer):
     """AdamW whose step goes through :meth:`_merge`; the subclasses define the task-vector preparation and merge."""
 
+    default_rescale = "none"  # options.rescale null: this
+    rescale_choices: tuple[str, ...] = ("none",)
+    _rescale_refusal = ""  # why a value outside rescale_choices is refused
+
     def __init__(self, params, task_vectors: Mapping[Tensor, Tensor] | None = None, lr: float = 1e-6,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  options: MergingOptions | None = None, **option_overrides):
@@ -89,6 +98,10 @@ class _MergingAdamW(torch.optim.Optimizer):
         if option_overrides:
             options = MergingOptions(**{**options.__dict__, **option_overrides})
         self.options = options
+        self.rescale = options.rescale or self.default_rescale
+        if self.rescale not in self.rescale_choices:
+            raise ValueError(f"rescale: {type(self).__name__} takes one of {list(self.rescale_choices)}, got "
+                             f"{self.rescale!r}{self._rescale_refusal}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         params_seen = [p for g in self.param_groups for p in g["params"]]
         device = params_seen[0].device if params_seen else torch.device("cpu")
@@ -122,7 +135,7 @@ class _MergingAdamW(torch.optim.Optimizer):
     def _prepare_tau(self, tau: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _merge(self, tau: Tensor, delta: Tensor, alpha: float) -> Tensor:
+    def _merge(self, tau: Tensor, delta: Tensor, alpha: float, eps: float) -> Tensor:
         raise NotImplementedError
 
     # -- the step -------------------------------------------------------------------------------------------
@@ -177,7 +190,7 @@ class _MergingAdamW(torch.optim.Optimizer):
                         param.sub_(cache)
                         delta = delta + cache
                         cache.zero_()
-                    param.add_(self._merge(state["tau"], delta, self._alpha(group)))
+                    param.add_(self._merge(state["tau"], delta, self._alpha(group), group["eps"]))
                 if not torch_rule and decay:
                     param.mul_(1 - decay)
         return loss
@@ -197,26 +210,32 @@ class _MergingAdamW(torch.optim.Optimizer):
             self.generator.set_state(generator.cpu())
 
 
+L1_FLOOR = 1e-8  # the reference skips the L1 rescale of a tensor whose L1 norm is below this
+
+
 class OnDAREAdamW(_MergingAdamW):
     """AdamW merged every step with a once-dropped, rescaled SFT task vector (random drop and rescale)."""
 
-    def _rescaled(self, masked: Tensor, full: Tensor, p: float) -> Tensor:
-        rescale = self.options.rescale
-        if rescale == "inverse_p":
-            return masked / p
-        if rescale == "l1":
-            return (masked * (full.abs().sum() / (masked.abs().sum() + 1e-8))).clamp(-self.options.clip,
-                                                                                    self.options.clip)
-        return masked
+    default_rescale, rescale_choices = "inverse_p", ("inverse_p", "none", "l1")
+    _rescale_refusal = ""
 
     def _prepare_tau(self, tau: Tensor) -> Tensor:
-        p = self.options.reserve_p
+        # τ̃ = clamp(M₀ ⊙ τ / p, ±c): the 1/p factor and the clamp alone (no L1 rescale of τ̃, as in the reference);
+        # rescale none is the paper's Eq. 4 (no 1/p)
+        p, c = self.options.reserve_p, self.options.clip
         kept = tau * self._draw_mask(tau, p)
-        return self._rescaled(kept, tau, p).clamp(-self.options.clip, self.options.clip)
+        return (kept if self.rescale == "none" else kept / p).clamp(-c, c)
 
-    def _merge(self, tau: Tensor, delta: Tensor, alpha: float) -> Tensor:
+    def _merge(self, tau: Tensor, delta: Tensor, alpha: float, eps: float) -> Tensor:
         p = self.options.reserve_p
-        dropped = self._rescaled(delta * self._draw_mask(delta, p), delta, p)
+        dropped = delta * self._draw_mask(delta, p)
+        if self.rescale != "none":
+            dropped = dropped / p
+        if self.rescale == "l1":  # the reference: ‖δ‖₁/(‖M⊙δ/p‖₁ + ε) with Adam's ε, then the clamp
+            full = delta.abs().sum()
+            if full >= L1_FLOOR:
+                c = self.options.clip
+                dropped = (dropped * (full / (dropped.abs().sum() + eps))).clamp(-c, c)
         if not self.options.merge:
             return dropped
         return alpha * tau + (1 - alpha) * dropped
@@ -225,12 +244,26 @@ class OnDAREAdamW(_MergingAdamW):
 class OnTIESAdamW(_MergingAdamW):
     """AdamW merged every step with the top-k SFT task vector by TIES sign election."""
 
-    def _prepare_tau(self, tau: Tensor) -> Tensor:
-        return tau * topk_mask(tau, self.options.reserve_p)
+    default_rescale, rescale_choices = "none", ("none", "l1")
+    _rescale_refusal = " (top-k trimming keeps no random share to scale by 1/p)"
 
-    def _merge(self, tau: Tensor, delta: Tensor, alpha: float) -> Tensor:
-        trimmed = delta * topk_mask(delta, self.options.reserve_p)
-        return ties_merge(tau, trimmed, alpha, self.options.ties_election, self.options.merge)
+    def _trim(self, values: Tensor) -> Tensor:
+        """``values`` ⊙ top-k(|values|); with ``rescale: l1`` scaled back to the untrimmed L1 norm (the reference's
+        ``magnitude_mask_``: only when trimming happens and ‖values‖₁ ≥ 1e-8)."""
+        p = self.options.reserve_p
+        mask = topk_mask(values, p)
+        trimmed = values * mask
+        if self.rescale == "l1" and not bool(mask.all()):
+            full = values.abs().sum()
+            if full >= L1_FLOOR:
+                trimmed = trimmed * (full / trimmed.abs().sum())
+        return trimmed
+
+    def _prepare_tau(self, tau: Tensor) -> Tensor:
+        return self._trim(tau)
+
+    def _merge(self, tau: Tensor, delta: Tensor, alpha: float, eps: float) -> Tensor:
+        return ties_merge(tau, self._trim(delta), alpha, self.options.ties_election, self.options.merge)
 
 
 def task_vectors_by_name(named_params: Iterable[tuple[str, Tensor]], base: Mapping[str, Tensor],

@@ -153,26 +153,40 @@ def test_onties_by_hand():
     assert trimmed.tolist() == [0.010, -0.005, 0.0, 0.0, 0.0, -0.001]
 
 
-def _spec_rule(kind, params, grads, taus, masks, alpha, p, wd, merge, lr=1e-2):
-    """The spec's update rules (§2-§4), written independently of preflab.optim."""
+def _l1_back(trimmed, full, eps=0.0, clip=None):
+    """The reference's L1 rescale: ``trimmed`` scaled to ``full``'s L1 norm (skipped below 1e-8), then clamped."""
+    if full.abs().sum() < 1e-8:
+        return trimmed
+    out = trimmed * (full.abs().sum() / (trimmed.abs().sum() + eps))
+    return out if clip is None else out.clamp(-clip, clip)
+
+
+def _spec_rule(kind, params, grads, taus, masks, alpha, p, wd, merge, lr=1e-2, rescale=None, eps=1e-8):
+    """The spec's update rules (§2-§4) and the reference's rescale flag, written independently of preflab.optim."""
     theta = [x.detach().clone() for x in params]
     m = [torch.zeros_like(x) for x in theta]
     v = [torch.zeros_like(x) for x in theta]
-    if kind == "dare":
-        tau_t = [(masks[("init", i)] * t / p).clamp(-1, 1) for i, t in enumerate(taus)]
+    if kind == "dare":  # τ̃: 1/p and the clamp (none: Eq. 4, no 1/p); the L1 flag never touches τ̃
+        tau_t = [(masks[("init", i)] * t / (1 if rescale == "none" else p)).clamp(-1, 1) for i, t in enumerate(taus)]
     else:
         tau_t = [t * topk_mask(t, p) for t in taus]
+        if rescale == "l1" and p < 1:
+            tau_t = [_l1_back(x, t) for x, t in zip(tau_t, taus)]
     out = []
     for step, step_grads in enumerate(grads, start=1):
         for i, g in enumerate(step_grads):
             m[i] = 0.9 * m[i] + 0.1 * g
             v[i] = 0.999 * v[i] + 0.001 * g * g
-            d = -lr * math.sqrt(1 - 0.999 ** step) / (1 - 0.9 ** step) * m[i] / (v[i].sqrt() + 1e-8)
+            d = -lr * math.sqrt(1 - 0.999 ** step) / (1 - 0.9 ** step) * m[i] / (v[i].sqrt() + eps)
             if kind == "dare":
-                dropped = masks[(step, i)] * d / p
+                dropped = masks[(step, i)] * d / (1 if rescale == "none" else p)
+                if rescale == "l1":
+                    dropped = _l1_back(dropped, d, eps, clip=1.0)
                 update = alpha * tau_t[i] + (1 - alpha) * dropped if merge else dropped
             else:
                 dt = d * topk_mask(d, p)
+                if rescale == "l1" and p < 1:
+                    dt = _l1_back(dt, d)
                 s = torch.where(tau_t[i] + dt >= 0, 1.0, -1.0).to(F64)
                 kept = dt * (torch.sign(dt) == s)
                 update = alpha * tau_t[i] * (torch.sign(tau_t[i]) == s) + (1 - alpha) * kept if merge else kept
@@ -181,10 +195,11 @@ def _spec_rule(kind, params, grads, taus, masks, alpha, p, wd, merge, lr=1e-2):
     return out
 
 
-@pytest.mark.parametrize("kind", ["dare", "ties"])
+@pytest.mark.parametrize("kind,rescale", [("dare", None), ("ties", None), ("dare", "l1"), ("ties", "l1"),
+                                          ("dare", "none")])
 @pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_updates_equal_the_spec_rules_computed_independently(kind, merge, wd):
+def test_updates_equal_the_spec_rules_computed_independently(kind, rescale, merge, wd):
     p, alpha = 0.5, 0.05
     base, sft = torch.nn.Linear(4, 5).double(), torch.nn.Linear(4, 5).double()
     taus = [sft.weight.detach() - base.weight.detach(), sft.bias.detach() - base.bias.detach()]
@@ -199,9 +214,9 @@ def test_updates_equal_the_spec_rules_computed_independently(kind, merge, wd):
     opt = cls.__new__(cls)
     opt._draw_mask = lambda like, prob: next(order)
     cls.__init__(opt, params, dict(zip(params, taus)), lr=1e-2, weight_decay=wd, reserve_p=p, alpha=alpha,
-                 merge=merge)
+                 merge=merge, rescale=rescale)
     ours = _run(opt, params, grads)
-    expected = _spec_rule(kind, start, grads, taus, masks, alpha, p, wd, merge)
+    expected = _spec_rule(kind, start, grads, taus, masks, alpha, p, wd, merge, rescale=rescale)
     for a, b in zip(ours, expected):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, atol=1e-12, rtol=0)
@@ -214,9 +229,9 @@ def test_step_k_merges_exactly_every_k_steps_and_moves_every_tensor_each_call():
     merged_at = []
     original = opt._merge
 
-    def spy(tau, delta, alpha):
+    def spy(*args):
         merged_at.append(opt.state[params[0]]["step"])
-        return original(tau, delta, alpha)
+        return original(*args)
 
     opt._merge = spy
     for step_grads in _grads(7):
@@ -262,3 +277,66 @@ def test_guards_name_the_tensor():
         task_vectors_by_name(model.named_parameters(), {"weight": torch.zeros(2, 3)}, base)
     wrapped = {f"base_model.model.{n}": p for n, p in model.named_parameters()}
     assert len(task_vectors_by_name(wrapped.items(), base, base)) == 2  # wrapper prefixes stripped
+
+
+def test_l1_rescale_uses_adams_eps_clamps_the_step_and_skips_a_vanishing_step():
+    """OnDARE ``rescale: l1``: the kept step M⊙δ/p is scaled by ‖δ‖₁/(‖M⊙δ/p‖₁ + ε) with Adam's ε and clamped to ±c;
+    a step with ‖δ‖₁ < 1e-8 keeps M⊙δ/p; τ̃ is clamp(M₀⊙τ/p) whatever the rescale."""
+    p = 0.5
+    tau = torch.tensor([0.9, -0.9, 0.2, 0.0], dtype=F64)
+    masks = iter([torch.tensor([True, True, False, True]), torch.tensor([True, False, True, False]),
+                  torch.tensor([True, False, True, False])])
+    param = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = OnDAREAdamW.__new__(OnDAREAdamW)
+    opt._draw_mask = lambda like, prob: next(masks)
+    OnDAREAdamW.__init__(opt, [param], {param: tau}, lr=0.4, eps=0.5, reserve_p=p, alpha=0.0, rescale="l1", clip=0.015)
+    assert opt.state[param]["tau"].tolist() == [0.015, -0.015, 0.0, 0.0]  # 1/p, clamp, no L1 rescale of τ̃
+    param.grad = torch.tensor([-1.0, 1.0, -2.0, 3.0], dtype=F64)
+    opt.step()
+    g = param.grad  # first Adam step: m = 0.1·g, √v = √0.001·|g|, ε on the uncorrected √v
+    delta = -0.4 * math.sqrt(0.001) / 0.1 * (0.1 * g) / (math.sqrt(0.001) * g.abs() + 0.5)
+    kept = torch.tensor([1.0, 0, 1, 0], dtype=F64) * delta / p
+    expected = (kept * delta.abs().sum() / (kept.abs().sum() + 0.5)).clamp(-0.015, 0.015)
+    torch.testing.assert_close(param.detach(), expected, atol=1e-15, rtol=0)
+    assert expected[2] == 0.015 and 0 < expected[0] < 0.015  # the clamp acted on one coordinate, ε on the other
+    tiny = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = OnDAREAdamW.__new__(OnDAREAdamW)
+    opt._draw_mask = lambda like, prob: torch.tensor([True, False, True, False])
+    OnDAREAdamW.__init__(opt, [tiny], {tiny: torch.zeros(4, dtype=F64)}, lr=1e-12, reserve_p=p, alpha=0.0,
+                         rescale="l1")
+    tiny.grad = torch.ones(4, dtype=F64)
+    opt.step()  # ‖δ‖₁ = 4e-12 < 1e-8: no rescale, M⊙δ/p
+    torch.testing.assert_close(tiny.detach(), torch.tensor([-2e-12, 0, -2e-12, 0], dtype=F64), atol=0, rtol=1e-6)
+
+
+def test_onties_l1_rescale_follows_the_reference_and_inverse_p_is_refused():
+    tau = torch.tensor([0.4, -0.1, 0.05, -0.3], dtype=F64)  # top-2: 0.4, −0.3 → scaled by 0.85/0.7
+    param = torch.nn.Parameter(torch.zeros(4, dtype=F64))
+    opt = OnTIESAdamW([param], {param: tau}, reserve_p=0.5, rescale="l1")
+    torch.testing.assert_close(opt.state[param]["tau"], torch.tensor([0.4, 0, 0, -0.3], dtype=F64) * (0.85 / 0.7),
+                               atol=1e-15, rtol=0)
+    plain = OnTIESAdamW([param], {param: tau}, reserve_p=0.5)  # default: no rescale (the published default)
+    assert plain.state[param]["tau"].tolist() == [0.4, 0.0, 0.0, -0.3]
+    whole = OnTIESAdamW([param], {param: tau}, reserve_p=1.0, rescale="l1")  # no trimming, nothing to rescale
+    assert torch.equal(whole.state[param]["tau"], tau)
+    with pytest.raises(ValueError, match="rescale: OnTIESAdamW takes one of \\['none', 'l1'\\]"):
+        OnTIESAdamW([param], {param: tau}, rescale="inverse_p")
+    with pytest.raises(ValueError, match="rescale"):
+        OnDAREAdamW([param], {param: tau}, rescale="l2")
+
+
+@pytest.mark.parametrize("cls", [OnDAREAdamW, OnTIESAdamW])
+def test_the_task_vector_points_from_the_base_to_the_sft_model(cls):
+    """τ = θ_SFT − θ_base, fed to the optimizer by ``task_vectors_by_name``: with a zero gradient (δ = 0), p = 1 and
+    α = ½, one step moves the policy (a copy of the SFT model) by ½·τ — away from the base, never towards it."""
+    base, sft = torch.nn.Linear(4, 3).double(), torch.nn.Linear(4, 3).double()
+    policy = copy.deepcopy(sft)
+    named = [(f"base_model.model.{n}", p) for n, p in policy.named_parameters()]
+    taus = task_vectors_by_name(named, base.state_dict(), sft.state_dict())
+    opt = cls(policy.parameters(), taus, lr=1e-3, reserve_p=1.0, alpha=0.5, clip=10.0)
+    for p in policy.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in policy.named_parameters():
+        want = sft.state_dict()[name] + 0.5 * (sft.state_dict()[name] - base.state_dict()[name])
+        torch.testing.assert_close(p.detach(), want, atol=1e-15, rtol=0)

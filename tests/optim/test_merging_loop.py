@@ -44,3 +44,22 @@ def test_lora_has_no_tensor_to_merge(sft_run, tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="adapter_mode full_only"):
         train(_cfg(sft_dir, data, tmp_path / "r", "parametrization.kind=lora", "optim.name=ondare_adamw",
                    f"optim.base_model={tiny_model_dir}", "train.max_steps=1"))
+
+
+@pytest.mark.parametrize("name", ["ondare_adamw", "onties_adamw"])
+def test_the_loops_task_vectors_point_from_the_base_to_the_sft_model(sft_run, tiny_model_dir, tmp_path, name):
+    """The optimizer the loop builds holds τ = θ_SFT − θ_base for every trained tensor (p = 1: τ̃ = τ)."""
+    from preflab.models.loader import load_model
+    from preflab.train.loop import OfflineRun
+
+    sft_dir, data = sft_run
+    run = OfflineRun(_cfg(sft_dir, data, tmp_path / "r", f"optim.name={name}", f"optim.base_model={tiny_model_dir}",
+                          "optim.reserve_p=1", "optim.clip=1000", "train.max_steps=1"))
+    base, sft = load_model(str(tiny_model_dir)).state_dict(), load_model(str(sft_dir)).state_dict()
+    state = run.optimizer.optimizer.state if hasattr(run.optimizer, "optimizer") else run.optimizer.state
+    checked = 0
+    for key, param in run.param.model.named_parameters():
+        if param.requires_grad and key in sft:
+            torch.testing.assert_close(state[param]["tau"], sft[key] - base[key], rtol=0, atol=1e-7)
+            checked += 1
+    assert checked > 0 and any((sft[k] - base[k]).abs().max() > 1e-4 for k in sft)
