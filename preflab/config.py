@@ -239,7 +239,7 @@ class OfsConfig:
     alpha: float = 0.1  # weight of the chasing term
     slow_lr_ratio: float = 0.1  # slow module's lr = train.lr × this
     swap_interval: int = 50  # K: optimizer steps per window; the lower mean DPO loss leads
-    beta: float | None = None  # β of the margins in the chasing term; null: the first loss term's beta
+    beta: float | None = None  # β of the chasing term's margins; null: the objective's own (its reward margins)
     # leader | fast | slow at the end; best_val_fast: the fast module at its lowest held-out loss among the
     # evaluations after step 0 (every train.eval_steps and the last step)
     export: str = field(default="leader", metadata={"choices": ("leader", "fast", "slow", "best_val_fast")})

@@ -7,7 +7,7 @@ tokenizers or configs. New objective = one module that calls :func:`register_los
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from torch import Tensor
 
@@ -49,12 +49,16 @@ class LossOutput:
 
     ``chosen_rewards``/``rejected_rewards``/``margin`` are ``None`` for terms that define no implicit
     reward (the SFT term). ``margin`` is the log-ratio margin ``h = ρ⁺ − ρ⁻`` the objective used.
+    ``reward_margin`` is the implicit-reward margin ``r⁺ − r⁻`` with its gradient (``β·h``, or
+    ``β⁺ρ⁺ − β⁻ρ⁻`` for Flex-DPO): what a schedule that needs the objective's margin reads (OFS's chasing term),
+    in the objective's own β and ``logp_normalize``.
     """
 
     losses: Tensor
     chosen_rewards: Tensor | None = None
     rejected_rewards: Tensor | None = None
     margin: Tensor | None = None
+    reward_margin: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,17 @@ class LossHParams:
         if self.logp_normalize not in NORMALIZE_CHOICES:
             raise ValueError(f"logp_normalize: expected one of {NORMALIZE_CHOICES}, got {self.logp_normalize!r}")
 
+    def kl_strength(self) -> float | None:
+        """The objective's β (the KL strength of its implicit reward), None when it has none."""
+        return getattr(self, "beta", None)
+
+    def with_beta(self, beta: float) -> LossHParams | None:
+        """These hyperparameters with β set to ``beta`` (a schedule's β, e.g. APO's per-iteration value); None when
+        the objective has no β."""
+        if "beta" not in {f.name for f in fields(self)}:
+            return None
+        return replace(self, beta=beta)
+
     def _require_positive(self, *names: str) -> None:
         for name in names:
             if not getattr(self, name) > 0:
@@ -75,12 +90,15 @@ class LossHParams:
 
 
 def dpo_rewards(rho_c: Tensor, rho_r: Tensor, beta_c: float, beta_r: float | None = None) -> dict:
-    """The implicit rewards ``r± = β·ρ±`` and the margin ``h``, detached, as ``LossOutput`` fields."""
+    """The implicit rewards ``r± = β·ρ±`` and the margin ``h``, detached, and the reward margin ``r⁺ − r⁻`` with
+    its gradient, as ``LossOutput`` fields."""
+    reward_margin = beta_c * (rho_c - rho_r) if beta_r is None else beta_c * rho_c - beta_r * rho_r
     beta_r = beta_c if beta_r is None else beta_r
     return {
         "chosen_rewards": (beta_c * rho_c).detach(),
         "rejected_rewards": (beta_r * rho_r).detach(),
         "margin": (rho_c - rho_r).detach(),
+        "reward_margin": reward_margin,
     }
 
 
@@ -126,6 +144,18 @@ class Objective:
     def reference_free(self) -> bool:
         return all(spec.reference_free for spec, _ in self.terms)
 
+    def kl_strength(self) -> float | None:
+        """β of the first term that has one (the term whose rewards are reported), else None."""
+        return next((hp.kl_strength() for _, hp in self.terms if hp.kl_strength() is not None), None)
+
+    def with_beta(self, beta: float) -> Objective:
+        """Every term that has a β takes ``beta`` (:meth:`LossHParams.with_beta`), the others are kept; a ValueError
+        when no term has one (a schedule's β would act on nothing)."""
+        terms = tuple((spec, hp.with_beta(beta) or hp) for spec, hp in self.terms)
+        if all(hp.with_beta(beta) is None for _, hp in self.terms):
+            raise ValueError(f"no term of the objective ({', '.join(spec.name for spec, _ in self.terms)}) has a beta")
+        return Objective(terms)
+
     def __call__(self, logps: PairLogps) -> LossOutput:
         total = None
         rewards = {}
@@ -135,7 +165,7 @@ class Objective:
             total = weighted if total is None else total + weighted
             if not rewards and out.margin is not None:
                 rewards = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
-                           "margin": out.margin}
+                           "margin": out.margin, "reward_margin": out.reward_margin}
         if not rewards:  # reference-free only: report the policy's own log-prob margin
             rewards = {"margin": (logps.policy_chosen - logps.policy_rejected).detach()}
         return LossOutput(total, **rewards)

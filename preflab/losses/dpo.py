@@ -13,7 +13,7 @@ Checked against the hand-computed values of the method spec (tests/losses/test_h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn.functional as F
 
@@ -48,6 +48,14 @@ class FlexHParams(LossHParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require_positive("beta_chosen", "beta_rejected")
+
+    def kl_strength(self) -> float:
+        return self.beta_chosen
+
+    def with_beta(self, beta: float) -> FlexHParams:
+        """β⁺ set to ``beta`` and β⁻ scaled with it (their ratio, which sets how fast the rejected likelihood falls,
+        is kept)."""
+        return replace(self, beta_chosen=beta, beta_rejected=beta * self.beta_rejected / self.beta_chosen)
 
 
 @register_loss("flex", FlexHParams)

@@ -104,6 +104,11 @@ class ApoRun:
             raise ConfigError(f"apo.prompts_per_iteration: {ac.iterations} disjoint slices of "
                               f"{ac.prompts_per_iteration} prompts need {needed}, task {ac.task!r} has {available} "
                               "training prompts; lower it or use apo.prompt_schedule=reuse")
+        if ac.beta is not None:  # apo.beta acts on every term with a β (Flex-DPO: both, their ratio kept) or is refused
+            terms = [t.params.with_beta(ac.beta_at(0)) for t in config.loss]
+            if all(t is None for t in terms):
+                raise ConfigError(f"apo.beta: no term of the objective ({', '.join(t.name for t in config.loss)}) has "
+                                  "a beta to set; leave apo.beta null")
         self.tokenizer = load_tokenizer(config.model.name)
         self.evaluator = GenerationEvaluator(self.tokenizer, config.eval) if config.eval.task else None
         self._base = None  # θ_0, loaded when first needed (generation-eval reference, first anchor)
@@ -131,8 +136,8 @@ class ApoRun:
     def inner_config(self, t: int, pairs: Path) -> Config:
         c, ac = self.config, self.ac
         beta = ac.beta_at(t)
-        loss = tuple(dataclasses.replace(term, params=dataclasses.replace(term.params, beta=beta))
-                     if beta is not None and hasattr(term.params, "beta") else term for term in c.loss)
+        loss = c.loss if beta is None else tuple(
+            dataclasses.replace(term, params=term.params.with_beta(beta) or term.params) for term in c.loss)
         return dataclasses.replace(
             c, schedule="offline", resume="auto", output_dir=str(self.iteration_dir(t) / "train"), loss=loss,
             model=dataclasses.replace(c.model, name=self.start_model(t)),
@@ -224,7 +229,7 @@ class ApoRun:
 
         steps = steps_before + result.steps
         record = {"step": steps, "apo/iteration": t + 1, "apo/alpha": ac.alpha,
-                  "apo/beta": getattr(run.objective.terms[0][1], "beta", None),
+                  "apo/beta": run.objective.kl_strength(),
                   "apo/pairs_kept": stats["pairs"], "apo/prompts": stats["prompts"],
                   "apo/score_mean": stats["score_all_samples"]["mean"],
                   "apo/score_best": stats["score_chosen"]["mean"], "apo/score_worst": stats["score_rejected"]["mean"],

@@ -55,9 +55,14 @@ class OfsRun(OfflineRun):
         if self.objective.reference_free:
             raise ConfigError("schedule: ofs needs an objective with a reference (its margins are log-ratios)")
         oc = config.ofs
-        self.beta = oc.beta if oc.beta is not None else getattr(config.loss[0].params, "beta", None)
-        if self.beta is None:
-            raise ConfigError("ofs.beta: the first loss term has no beta; set ofs.beta")
+        # the chasing term's margins are the objective's reward margins (its β and logp_normalize); ofs.beta sets
+        # their β apart from the DPO terms' (Objective.with_beta: every term with a β takes it)
+        self.chase_objective = self.objective
+        if oc.beta is not None:
+            try:
+                self.chase_objective = self.objective.with_beta(oc.beta)
+            except ValueError as e:
+                raise ConfigError(f"ofs.beta: {e}") from None
         self.roles = RoleState(oc.swap_interval)
 
     def build_parametrization(self, model: torch.nn.Module) -> FastSlowPair:
@@ -98,10 +103,9 @@ class OfsRun(OfflineRun):
                         lp, counts = self.scorer(**batch.scorer_inputs())
                     logps[m] = pair_logps(lp, counts)
             outs = {m: self.objective(logps[m]) for m in MODULES}
-            margins = {}
-            for m in MODULES:
-                chosen, rejected = logps[m].logratios("sum")
-                margins[m] = self.beta * (chosen - rejected)
+            chase = outs if self.chase_objective is self.objective else \
+                {m: self.chase_objective(logps[m]) for m in MODULES}
+            margins = {m: chase[m].reward_margin for m in MODULES}
             leader, chaser = self.roles.leader, self.roles.chaser
             term, _ = chasing_term(margins[leader], margins[chaser], oc.alpha, oc.chase_stopgrad, oc.gap_clamp)
             loss = (outs["fast"].losses.sum() + outs["slow"].losses.sum() + term * b) / global_size * self.world

@@ -59,3 +59,24 @@ def test_bad_hyperparameters_name_the_field(name, bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):
         build_objective([{"name": name, **bad}])
+
+
+def test_with_beta_sets_the_kl_strength_of_every_term_that_has_one():
+    objective = build_objective([{"name": "flex", "beta_chosen": 0.1, "beta_rejected": 0.05}, {"name": "sft"},
+                                 {"name": "ipo", "beta": 0.3}])
+    assert objective.kl_strength() == 0.1
+    scaled = objective.with_beta(0.4)
+    flex, sft, ipo = (hp for _, hp in scaled.terms)
+    assert (flex.beta_chosen, flex.beta_rejected, ipo.beta) == (0.4, pytest.approx(0.2), 0.4)
+    assert sft == objective.terms[1][1] and scaled.kl_strength() == 0.4
+    with pytest.raises(ValueError, match=r"no term of the objective \(sft\) has a beta"):
+        build_objective([{"name": "sft"}]).with_beta(0.1)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not loss_registry()[n].reference_free])
+def test_the_reward_margin_is_the_difference_of_the_rewards_with_its_gradient(name):
+    logps = _random_logps()
+    out = build_objective([{"name": name}])(logps)
+    assert out.reward_margin.requires_grad
+    torch.testing.assert_close(out.reward_margin.detach(), out.chosen_rewards - out.rejected_rewards, rtol=1e-12,
+                               atol=1e-12)

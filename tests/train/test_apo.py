@@ -68,6 +68,38 @@ def test_lora_extrapolates_merged_weights(tiny_model_dir, tmp_path):
     assert json.loads((out / "iter-2" / "eval.json").read_text())["policy"]["task"] == "concision"
 
 
+def test_three_iterations_follow_the_spec_coefficients(tiny_model_dir, tmp_path):
+    """With T+1 = 3 iterations the extrapolation of t = 1 runs: θ_2 = θ̂_2 + α(θ̂_2 − θ̂_1), anchored on the previous
+    DPO output θ̂_1, not on the previous extrapolated model θ_1 (the spec's A2: 3.6, not 3.51). In the deltas
+    D_j = θ̂_j − θ_{j−1} of each iteration's training: θ_1 = θ_0 + 1.3·D_1, θ_2 = θ_0 + 1.39·D_1 + 1.3·D_2 and the
+    returned θ̂_3 = θ_0 + 1.39·D_1 + 1.3·D_2 + D_3 (spec §3, α = 0.3)."""
+    out = tmp_path / "apo"
+    train(_cfg(tiny_model_dir, out, "apo.iterations=3", "apo.alpha=0.3"))
+    theta0 = _weights(tiny_model_dir)
+    hat = [theta0] + [_weights(out / f"iter-{t}" / "policy") for t in (1, 2, 3)]  # θ̂_0 = θ_0, θ̂_1..θ̂_3
+    theta = [theta0] + [_weights(out / f"iter-{t}" / "extrapolated") for t in (1, 2)]  # θ_0, θ_1, θ_2
+    assert not (out / "iter-3" / "extrapolated").exists()
+    for t in (1, 2):  # iteration t+1 starts from and references θ_t
+        assert load_config(out / f"iter-{t + 1}" / "train" / "config.yaml").model.name == str(
+            out / f"iter-{t}" / "extrapolated")
+    deltas = [None] + [{k: hat[j][k] - theta[j - 1][k] for k in theta0} for j in (1, 2, 3)]  # D_1..D_3
+    moved = 0.0
+    for k in theta0:
+        close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+        close(theta[1][k], 1.3 * hat[1][k] - 0.3 * hat[0][k])
+        close(theta[2][k], 1.3 * hat[2][k] - 0.3 * hat[1][k])
+        close(theta[1][k], theta0[k] + 1.3 * deltas[1][k])
+        close(theta[2][k], theta0[k] + 1.39 * deltas[1][k] + 1.3 * deltas[2][k])
+        close(hat[3][k], theta0[k] + 1.39 * deltas[1][k] + 1.3 * deltas[2][k] + deltas[3][k])
+        # anchoring on θ_1 instead would differ by 0.3·(θ_1 − θ̂_1) = 0.09·D_1
+        moved = max(moved, (0.3 * (theta[1][k] - hat[1][k])).abs().max().item())
+    assert moved > 1e-3  # large enough that the wrong anchor would fail the checks above
+    assert _equal(_weights(out / "final"), hat[3])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["apo/iteration"] for r in records] == [1, 2, 3]
+    assert records[1]["apo/extrap_norm"] > 0 and records[2]["apo/extrap_norm"] == 0
+
+
 def test_interrupted_run_skips_finished_iterations(tiny_model_dir, tmp_path, monkeypatch):
     extra = ("apo.alpha=0.3", "train.save_steps=1")
     train(_cfg(tiny_model_dir, tmp_path / "straight", *extra))
@@ -104,3 +136,17 @@ def test_interrupted_run_skips_finished_iterations(tiny_model_dir, tmp_path, mon
 def test_too_few_prompts_for_disjoint_slices_is_a_config_error(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="prompts_per_iteration"):
         train(_cfg(tiny_model_dir, tmp_path / "r", "apo.prompts_per_iteration=100000"))
+
+
+def test_apo_beta_sets_every_beta_of_the_objective_or_is_refused(tiny_model_dir, tmp_path):
+    from preflab.train.apo import ApoRun
+
+    run = ApoRun(_cfg(tiny_model_dir, tmp_path / "a", "loss.name=flex", "loss.beta_chosen=0.1",
+                      "loss.beta_rejected=0.08", "apo.beta=[0.5, 1.0]"))
+    flex = [run.inner_config(t, tmp_path / "pairs.jsonl").loss[0].params for t in (0, 1)]
+    assert [(f.beta_chosen, f.beta_rejected) for f in flex] == [(0.5, pytest.approx(0.4)), (1.0, pytest.approx(0.8))]
+    mixed = ApoRun(_cfg(tiny_model_dir, tmp_path / "b", "loss=[{name: sigmoid}, {name: sft, weight: 0.1}]",
+                        "apo.beta=0.3")).inner_config(0, tmp_path / "pairs.jsonl").loss
+    assert mixed[0].params.beta == 0.3 and mixed[1].params == load_config(None, ["loss=[{name: sft, weight: 0.1}]"]).loss[0].params
+    with pytest.raises(ConfigError, match=r"apo.beta: no term of the objective \(sft\) has a beta"):
+        ApoRun(_cfg(tiny_model_dir, tmp_path / "c", "loss.name=sft", "apo.beta=0.2"))

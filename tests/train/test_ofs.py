@@ -108,3 +108,49 @@ def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is needed
     with pytest.raises(ConfigError, match="several processes needs ofs.fused_forward=true"):
         OfsRun(_config(tiny_model_dir, data, tmp_path / "c"))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("leader", ["fast", "slow"])
+@pytest.mark.parametrize("objective", ["sigmoid", "flex-mean"])
+def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, tmp_path, fused, leader, objective):
+    """The gradient of one OFS step on each module equals that of Σ_i w_k,i·h_k,i with the spec's weights
+    ∂loss/∂h_k = −[σ(−h_k) + α·σ(h_S − h_F)]/n (F the leader, S the chaser): both modules are pushed towards larger
+    margins by the gap term. A flipped sign of the chasing term in the step (the modules fleeing each other) or the
+    roles swapped inside it changes these weights. The margins h are the objective's own reward margins: β·h for
+    DPO, β⁺ρ⁺ − β⁻ρ⁻ for Flex-DPO, per token under ``logp_normalize: mean``."""
+    from preflab.ofs.pair import MODULES
+
+    alpha, (beta_c, beta_r) = 0.5, (0.1, 0.1) if objective == "sigmoid" else (0.4, 0.2)
+    extra = [] if objective == "sigmoid" else ["loss.name=flex", "loss.beta_chosen=0.4", "loss.beta_rejected=0.2",
+                                               "loss.logp_normalize=mean"]
+    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "run", f"ofs.alpha={alpha}", f"ofs.fused_forward={fused}",
+                         *extra))
+    pair = run.param.pair
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # move the modules off the reference, apart from each other: margins and gap ≠ 0
+        for layer in pair.layers.values():
+            for m, std in (("fast", 0.3), ("slow", 0.1)):
+                layer.lora_B[m].copy_(torch.randn(layer.lora_B[m].shape, generator=generator) * std)
+    run.roles.leader = leader
+    indices = [0, 1, 2, 3]
+    run.micro_step(indices, len(indices), sync=True, scale=1.0)
+    got = {m: [p.grad.clone() for p in pair.parameters(m)] for m in MODULES}
+    run.optimizer.zero_grad(set_to_none=True)
+
+    batch = run.collate(indices)
+    ref = run.reference_logps(indices, batch)
+    b, h = batch.num_pairs, {}
+    for m in MODULES:
+        with pair.routed(m):
+            logps, counts = run.scorer(**batch.scorer_inputs())
+        rho = (logps - ref) / (1 if objective == "sigmoid" else counts)
+        h[m] = beta_c * rho[:b] - beta_r * rho[b:]
+    chaser = "slow" if leader == "fast" else "fast"
+    push = torch.sigmoid(h[chaser] - h[leader]).detach()
+    assert push.sub(0.5).abs().max() > 5e-3  # the modules differ: swapping the roles would change the push
+    surrogate = sum((-(torch.sigmoid(-h[m]) + alpha * push) / b).detach().mul(h[m]).sum() for m in MODULES)
+    surrogate.backward()
+    for m in MODULES:
+        for a, e in zip(got[m], (p.grad for p in pair.parameters(m))):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7)
