@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# reference log-probs cached by a test run stay with it (child processes inherit the variable)
-os.environ.setdefault("PREFLAB_REFERENCE_CACHE", tempfile.mkdtemp(prefix="preflab-reference-"))
+# reference log-probs cached by a test run stay with it (child processes inherit the variable) and go with it
+_REFERENCE_CACHE = None
+if "PREFLAB_REFERENCE_CACHE" not in os.environ:
+    _REFERENCE_CACHE = tempfile.mkdtemp(prefix="preflab-reference-")
+    os.environ["PREFLAB_REFERENCE_CACHE"] = _REFERENCE_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _REFERENCE_CACHE is not None:
+        shutil.rmtree(_REFERENCE_CACHE, ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
