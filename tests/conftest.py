@@ -21,7 +21,8 @@ if "PREFLAB_REFERENCE_CACHE" not in os.environ:
 def pytest_sessionfinish(session, exitstatus):
     if _REFERENCE_CACHE is not None:
         shutil.rmtree(_REFERENCE_CACHE, ignore_errors=True)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads, or OMP_NUM_THREADS (tools/mutation.sh runs each mutant's tests in a forked single-thread worker)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 def tiny_config(vocab_size: int, **overrides):

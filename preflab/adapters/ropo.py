@@ -147,14 +147,14 @@ class RopoLinear(nn.Module):
         unbiased = z if self.base.bias is None else z - self.base.bias
         return z + unbiased * scale.to(z.dtype)
 
-    @torch.no_grad()
     def merged_weight(self) -> Tensor:
         """``W' = diag(m/r) · W · Rᵀ`` in fp32 (fp64 for an fp64 layer)."""
-        weight = _exact(self.base.weight)
-        rotation = self.rotate(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device))  # I·R = R
-        merged = weight @ rotation.T
-        scale = self.scale_minus_one()
-        return merged if scale is None else merged * (1 + scale)[:, None]
+        with torch.no_grad():
+            weight = _exact(self.base.weight)
+            rotation = self.rotate(torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device))  # I·R = R
+            merged = weight @ rotation.T
+            scale = self.scale_minus_one()
+            return merged if scale is None else merged * (1 + scale)[:, None]
 
 
 def _targets(model: nn.Module, names: tuple[str, ...]) -> list[str]:

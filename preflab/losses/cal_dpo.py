@@ -26,10 +26,12 @@ class CalDPOHParams(LossHParams):
             raise ValueError(f"cal_weight: must be >= 0, got {self.cal_weight!r}")
 
 
-@register_loss("cal_dpo", CalDPOHParams)
 def cal_dpo_loss(logps: PairLogps, hp: CalDPOHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     target = 1 / (2 * hp.beta)
     calibration = (rho_c - target) ** 2 + (rho_r + target) ** 2
     losses = -F.logsigmoid(rho_c - rho_r) + hp.cal_weight * calibration
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
+
+
+register_loss("cal_dpo", cal_dpo_loss, CalDPOHParams)

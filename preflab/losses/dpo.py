@@ -32,12 +32,14 @@ class SigmoidHParams(LossHParams):
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing!r}")
 
 
-@register_loss("sigmoid", SigmoidHParams)
 def sigmoid_loss(logps: PairLogps, hp: SigmoidHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     z = hp.beta * (rho_c - rho_r)
     losses = -(1 - hp.label_smoothing) * F.logsigmoid(z) - hp.label_smoothing * F.logsigmoid(-z)
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
+
+
+register_loss("sigmoid", sigmoid_loss, SigmoidHParams)
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,13 @@ class FlexHParams(LossHParams):
         return replace(self, beta_chosen=beta, beta_rejected=beta * self.beta_rejected / self.beta_chosen)
 
 
-@register_loss("flex", FlexHParams)
 def flex_loss(logps: PairLogps, hp: FlexHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     losses = -F.logsigmoid(hp.beta_chosen * rho_c - hp.beta_rejected * rho_r)
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta_chosen, hp.beta_rejected))
+
+
+register_loss("flex", flex_loss, FlexHParams)
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,11 @@ class DPOPHParams(LossHParams):
             raise ValueError(f"lambda_: must be >= 0, got {self.lambda_!r}")
 
 
-@register_loss("dpop", DPOPHParams)
 def dpop_loss(logps: PairLogps, hp: DPOPHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     penalty = hp.lambda_ * (-rho_c).clamp(min=0)
     losses = -F.logsigmoid(hp.beta * (rho_c - rho_r - penalty))
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
+
+
+register_loss("dpop", dpop_loss, DPOPHParams)

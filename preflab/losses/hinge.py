@@ -17,8 +17,10 @@ class HingeHParams(LossHParams):
         self._require_positive("beta")
 
 
-@register_loss("hinge", HingeHParams)
 def hinge_loss(logps: PairLogps, hp: HingeHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     losses = (1 - hp.beta * (rho_c - rho_r)).clamp(min=0)
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
+
+
+register_loss("hinge", hinge_loss, HingeHParams)

@@ -25,11 +25,13 @@ class IPOHParams(LossHParams):
         self._require_positive("beta")
 
 
-@register_loss("ipo", IPOHParams)
 def ipo_loss(logps: PairLogps, hp: IPOHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     losses = (rho_c - rho_r - 1 / (2 * hp.beta)) ** 2
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
+
+
+register_loss("ipo", ipo_loss, IPOHParams)
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,11 @@ class SPPOHParams(LossHParams):
         self._require_positive("beta", "scale")
 
 
-@register_loss("sppo_hard", SPPOHParams)
 def sppo_hard_loss(logps: PairLogps, hp: SPPOHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     target = 1 / (2 * hp.beta)
     losses = hp.scale * ((rho_c - target) ** 2 + (rho_r + target) ** 2)
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
+
+
+register_loss("sppo_hard", sppo_hard_loss, SPPOHParams)

@@ -23,7 +23,9 @@ class SFTHParams(LossHParams):
             raise ValueError(f"normalize: expected one of {NORMALIZE_CHOICES}, got {self.normalize!r}")
 
 
-@register_loss("sft", SFTHParams, reference_free=True)
 def sft_loss(logps: PairLogps, hp: SFTHParams) -> LossOutput:
     chosen, _ = logps.policy(hp.normalize)
     return LossOutput(-chosen)
+
+
+register_loss("sft", sft_loss, SFTHParams, reference_free=True)

@@ -73,11 +73,13 @@ def topk_mask(values: Tensor, p: float) -> Tensor:
 
 def ties_merge(tau: Tensor, delta: Tensor, alpha: float, election: str = "unweighted", merge: bool = True) -> Tensor:
     """The OnTIES update of already-trimmed ``tau`` (τ̃) and ``delta`` (δ̃)."""
+    if election not in ("unweighted", "weighted"):
+        raise ValueError(f"ties_election: expected unweighted or weighted, got {election!r}")
     if election == "weighted" and merge:  # the paper's Eq. 7: agreeing signs add, else the larger one wins
         a, b = (1 - alpha) * delta, alpha * tau
         agree = torch.sign(a) * torch.sign(b) >= 0
         return torch.where(agree, a + b, torch.where(a.abs() >= b.abs(), a, b))
-    sign = torch.where(tau + delta >= 0, 1.0, -1.0).to(delta.dtype)  # elected on the unweighted sum
+    sign = torch.where(tau + delta >= 0, 1.0, -1.0)  # elected on the unweighted sum
     kept_delta = delta * (torch.sign(delta) == sign)
     if not merge:
         return kept_delta
@@ -161,12 +163,15 @@ class _MergingAdamW(torch.optim.Optimizer):
             return self.options.alpha * group["lr"] / group.get("initial_lr", group["lr"])
         return self.options.alpha
 
-    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            loss = closure()
+        with torch.no_grad():  # (not a decorator: decorated methods escape the mutation tests)
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         k = self.options.online_step
         for group in self.param_groups:
             decay = group["lr"] * group["weight_decay"]
@@ -180,20 +185,18 @@ class _MergingAdamW(torch.optim.Optimizer):
                 delta = self._adam_delta(param, param.grad, state, group)
                 if "tau" not in state:
                     param.add_(delta)
-                elif k > 1 and state["step"] % k:
-                    cache = state.setdefault("delta_cache", torch.zeros_like(param))
+                elif state["step"] % k:  # step-K, between merges: the plain step, remembered (Algorithm 2)
                     param.add_(delta)
-                    cache.add_(delta)
+                    state.setdefault("delta_cache", torch.zeros_like(param)).add_(delta)
                 else:
-                    if k > 1:
-                        cache = state.setdefault("delta_cache", torch.zeros_like(param))
+                    if k > 1:  # a merge: the remembered steps are rolled back and merged with this one
+                        cache = state["delta_cache"]  # (steps 1..K−1 made it)
                         param.sub_(cache)
                         delta = delta + cache
                         cache.zero_()
                     param.add_(self._merge(state["tau"], delta, self._alpha(group), group["eps"]))
                 if not torch_rule and decay:
                     param.mul_(1 - decay)
-        return loss
 
     # -- state: the mask generator travels with the optimizer state ------------------------------------------
 
@@ -253,7 +256,7 @@ class OnTIESAdamW(_MergingAdamW):
         p = self.options.reserve_p
         mask = topk_mask(values, p)
         trimmed = values * mask
-        if self.rescale == "l1" and not bool(mask.all()):
+        if self.rescale == "l1":  # (without trimming the factor is exactly 1)
             full = values.abs().sum()
             if full >= L1_FLOOR:
                 trimmed = trimmed * (full / trimmed.abs().sum())

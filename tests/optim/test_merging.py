@@ -291,14 +291,14 @@ def test_l1_rescale_uses_adams_eps_clamps_the_step_and_skips_a_vanishing_step():
     opt._draw_mask = lambda like, prob: next(masks)
     OnDAREAdamW.__init__(opt, [param], {param: tau}, lr=0.4, eps=0.5, reserve_p=p, alpha=0.0, rescale="l1", clip=0.015)
     assert opt.state[param]["tau"].tolist() == [0.015, -0.015, 0.0, 0.0]  # 1/p, clamp, no L1 rescale of τ̃
-    param.grad = torch.tensor([-1.0, 1.0, -2.0, 3.0], dtype=F64)
+    param.grad = torch.tensor([-1.0, 1.0, 2.0, 3.0], dtype=F64)
     opt.step()
     g = param.grad  # first Adam step: m = 0.1·g, √v = √0.001·|g|, ε on the uncorrected √v
     delta = -0.4 * math.sqrt(0.001) / 0.1 * (0.1 * g) / (math.sqrt(0.001) * g.abs() + 0.5)
     kept = torch.tensor([1.0, 0, 1, 0], dtype=F64) * delta / p
     expected = (kept * delta.abs().sum() / (kept.abs().sum() + 0.5)).clamp(-0.015, 0.015)
     torch.testing.assert_close(param.detach(), expected, atol=1e-15, rtol=0)
-    assert expected[2] == 0.015 and 0 < expected[0] < 0.015  # the clamp acted on one coordinate, ε on the other
+    assert expected[2] == -0.015 and 0 < expected[0] < 0.015  # the clamp acted on one coordinate, ε on the other
     tiny = torch.nn.Parameter(torch.zeros(4, dtype=F64))
     opt = OnDAREAdamW.__new__(OnDAREAdamW)
     opt._draw_mask = lambda like, prob: torch.tensor([True, False, True, False])

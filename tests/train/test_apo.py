@@ -147,6 +147,7 @@ def test_apo_beta_sets_every_beta_of_the_objective_or_is_refused(tiny_model_dir,
     assert [(f.beta_chosen, f.beta_rejected) for f in flex] == [(0.5, pytest.approx(0.4)), (1.0, pytest.approx(0.8))]
     mixed = ApoRun(_cfg(tiny_model_dir, tmp_path / "b", "loss=[{name: sigmoid}, {name: sft, weight: 0.1}]",
                         "apo.beta=0.3")).inner_config(0, tmp_path / "pairs.jsonl").loss
-    assert mixed[0].params.beta == 0.3 and mixed[1].params == load_config(None, ["loss=[{name: sft, weight: 0.1}]"]).loss[0].params
+    sft = load_config(None, ["loss=[{name: sft, weight: 0.1}]"]).loss[0].params
+    assert mixed[0].params.beta == 0.3 and mixed[1].params == sft
     with pytest.raises(ConfigError, match=r"apo.beta: no term of the objective \(sft\) has a beta"):
         ApoRun(_cfg(tiny_model_dir, tmp_path / "c", "loss.name=sft", "apo.beta=0.2"))
