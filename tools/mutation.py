@@ -31,17 +31,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = ROOT / "tools" / "mutation-equivalent.txt"
 
-# group: (modules to mutate, the fast tests that cover them)
+# group: (modules to mutate, the fast tests that cover them: paths or globs under the checkout)
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "losses": (["preflab/losses/*"], ["tests/losses", "tests/eval/test_preference.py"]),
     "ofs": (["preflab/ofs/*"], ["tests/ofs", "tests/losses/test_ofs_chasing.py", "tests/adapters/test_combine.py",
                                 "tests/train/test_ofs.py", "tests/train/test_cofs.py"]),
     "merging": (["preflab/optim/merging.py"], ["tests/optim"]),
-    "ropo": (["preflab/adapters/ropo.py"], ["tests/adapters/test_ropo.py"]),
+    "ropo": (["preflab/adapters/ropo.py"], ["tests/adapters/test_ropo*.py"]),
     "apo": (["preflab/train/apo.py"], ["tests/train/test_apo.py", "tests/train/test_apo_math.py"]),
     "ofs_schedule": (["preflab/train/ofs.py"], ["tests/train/test_ofs.py"]),
     "cofs": (["preflab/train/cofs.py"], ["tests/train/test_cofs.py"]),
-    "diagnostics": (["preflab/eval/diagnostics.py"], ["tests/eval/test_diagnostics.py"]),
+    "diagnostics": (["preflab/eval/diagnostics.py"], ["tests/eval/test_diagnostics*.py"]),
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout", -24: "timeout",
@@ -50,7 +50,8 @@ DETECTED = {"killed", "timeout"}  # a mutant that makes a covering test fail or 
 
 
 def config(group: str) -> str:
-    modules, tests = GROUPS[group]
+    modules, patterns = GROUPS[group]
+    tests = sorted(str(path.relative_to(ROOT)) for pattern in patterns for path in ROOT.glob(pattern))
     return "\n".join([
         "[mutmut]",
         "source_paths=preflab",
@@ -120,7 +121,8 @@ def group_results(directory: Path) -> list[dict]:
             logging_only = log_lines(source.relative_to("mutants"))
             codes = json.loads(meta.read_text())["exit_code_by_key"]
             for key, code in codes.items():
-                path, function = _function(key)
+                _, function = _function(key)
+                path = str(source.relative_to("mutants"))  # (a package's __init__.py too)
                 status = STATUS.get(code, "suspicious")
                 entry = {"key": key, "module": path, "function": function, "status": status}
                 if status not in DETECTED:
@@ -156,6 +158,7 @@ def report(work: Path) -> int:
                     counts["log only"] += 1
                 elif key in equivalent:
                     counts["equivalent"] += 1
+                    counts["cpu only"] += equivalent[key].startswith("[cpu]")
                     used.add(key)
                 else:
                     counts["survived"] += 1
@@ -171,6 +174,7 @@ def report(work: Path) -> int:
     print(f"{'module':<34} {'mutants':>8} {'killed':>7} {'equivalent':>10} {'survived':>8} {'score':>7}")
     for module, c, score in rows:
         notes = [f"{c['log only']} of the equivalent change only a log call"] if c["log only"] else []
+        notes += [f"{c['cpu only']} equivalent only where every device is the CPU"] if c["cpu only"] else []
         notes += [f"{c['not checked']} not checked yet"] if c["not checked"] else []
         print(f"{module:<34} {c['mutants']:>8} {c['killed']:>7} {c['equivalent']:>10} {c['survived']:>8} "
               f"{100 * score:>6.1f}%" + (f"  ({'; '.join(notes)})" if notes else ""))

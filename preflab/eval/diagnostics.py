@@ -112,8 +112,9 @@ class ThreeDProbe:
         d_rejected = recent[-1]["3d/seen_rejected"] - recent[0]["3d/seen_rejected"]
         grads = [h["log_grad_ratio"] for h in (recent[0], recent[-1])]
         grad_grew = None in grads or grads[1] > grads[0]
-        flags["3d/p1"] = float(d_rejected < 0 and -d_rejected > max(d_chosen, 0.0) and grad_grew)
-        running_max = max(h["3d/seen_chosen"] for h in self.history)
+        # rejected fell (−Δ⁻ > 0) by more than chosen rose
+        flags["3d/p1"] = float(-d_rejected > max(d_chosen, 0.0) and grad_grew)
+        # falling at every probe of the window (so the last one lies below the running maximum)
         falling = all(b["3d/seen_chosen"] < a["3d/seen_chosen"] for a, b in zip(recent, recent[1:]))
-        flags["3d/p2"] = float(falling and recent[-1]["3d/seen_chosen"] < running_max and d_rejected < 0)
+        flags["3d/p2"] = float(falling and d_rejected < 0)
         return flags

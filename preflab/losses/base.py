@@ -126,10 +126,6 @@ def loss_registry() -> dict[str, LossSpec]:
     return dict(_REGISTRY)
 
 
-def hparam_names(cls: type[LossHParams]) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
 @dataclass(frozen=True)
 class Objective:
     """A weighted sum of registered objectives: ``Σ_i w_i · loss_i``; the first term with implicit rewards
