@@ -1,5 +1,6 @@
 """The multi-domain schedule (``schedule: cofs``) on a tiny model: COFS-DPO's stages, weight choice and exact
-combination, its baselines, the forgetting matrix, resume; OFS's ``export: best_val_fast``."""
+combination, its baselines, the forgetting matrix, resume (OFS's ``export: best_val_fast``, COFS's choice of a
+domain's module, is tested with the OFS schedule)."""
 
 import copy
 import json
@@ -131,26 +132,6 @@ def test_a_killed_run_resumes_to_the_same_matrix(tiny_model_dir, domains, tmp_pa
     monkeypatch.setattr(OfflineRun, "run", no_training)
     again = train(config)  # every stage done: nothing runs, the summary is rebuilt
     assert again.steps == 8
-
-
-def test_best_val_fast_exports_the_fast_module_at_its_lowest_held_out_loss(tiny_model_dir, domains, tmp_path):
-    from preflab.train.ofs import OfsRun
-
-    data = domains.split("train: ")[1].split(",")[0]
-    config = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", f"data.eval={data}",
-                                f"output_dir={tmp_path / 'ofs'}", "schedule=ofs", "train.progress=false",
-                                "diag.enabled=false", "train.batch_size=4", "train.lr=2e-2", "train.max_steps=6",
-                                "train.eval_steps=1", "parametrization.kind=lora", "parametrization.r=4",
-                                "parametrization.dropout=0", "ofs.export=best_val_fast", "ofs.slow_lr_ratio=2"])
-    run = OfsRun(config)
-    run.run()
-    history = _json(tmp_path / "ofs" / "eval.json")["history"]
-    fast_losses = [h["ofs/fast_loss"] for h in history[:-1]]  # steps 1..5; the last entry is the exported module
-    assert len(fast_losses) == 5
-    best = run.state["ofs_best_fast"]
-    assert best["loss"] <= min(fast_losses) and best["step"] in range(1, 7)
-    after = _json(tmp_path / "ofs" / "eval.json")["after"]
-    assert after["loss"] == pytest.approx(best["loss"], abs=1e-5)  # final/ is that module
 
 
 def test_cofs_refusals_and_the_forgetting_summary(tiny_model_dir, tmp_path):

@@ -154,3 +154,95 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
     for m in MODULES:
         for a, e in zip(got[m], (p.grad for p in pair.parameters(m))):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7)
+
+
+def test_best_val_fast_exports_the_fast_module_at_its_lowest_held_out_loss(tiny_model_dir, data, tmp_path):
+    config = _config(tiny_model_dir, data, tmp_path / "ofs", f"data.eval={data}", "train.lr=2e-2",
+                     "train.max_steps=6", "train.eval_steps=1", "ofs.export=best_val_fast", "ofs.slow_lr_ratio=2")
+    run = OfsRun(config)
+    run.run()
+    record = json.loads((tmp_path / "ofs" / "eval.json").read_text())
+    fast_losses = [h["ofs/fast_loss"] for h in record["history"][:-1]]  # steps 1..5; the last: the exported module
+    assert len(fast_losses) == 5
+    best = run.state["ofs_best_fast"]
+    assert best["loss"] <= min(fast_losses) and best["step"] in range(1, 7)
+    assert record["after"]["loss"] == pytest.approx(best["loss"], abs=1e-5)  # final/ is that module
+    saved = load_file(tmp_path / "ofs" / "best_fast" / "adapter_model.safetensors")
+    final = load_file(tmp_path / "ofs" / "final" / "adapter_model.safetensors")
+    assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in saved)
+    layer = next(iter(run.param.pair.layers))
+    assert torch.equal(run.param.pair.layers[layer].lora_A["fast"], saved[f"base_model.model.{layer}.lora_A.weight"])
+
+
+def test_best_val_fast_without_held_out_pairs_exports_the_last_fast_module(tiny_model_dir, data, tmp_path, caplog):
+    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", "data.eval=null", "train.max_steps=2",
+                         "ofs.export=best_val_fast"))
+    with caplog.at_level("WARNING", logger="preflab.train.ofs"):
+        run.run()
+    assert "no held-out evaluation after step 0" in caplog.text and run.param.resting == "fast"
+
+
+def _grads(run, indices=(0, 1, 2, 3)):
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in run.param.pair.layers.values():
+            for m in ("fast", "slow"):
+                layer.lora_B[m].copy_(torch.randn(layer.lora_B[m].shape, generator=generator) * 0.2)
+    run.micro_step(list(indices), len(indices), sync=True, scale=1.0)
+
+
+@pytest.mark.parametrize("scope", ["per_module", "joint"])
+def test_gradient_clipping_per_module_or_jointly(tiny_model_dir, data, tmp_path, scope):
+    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", f"ofs.clip_scope={scope}"))
+    _grads(run)
+    pair = run.param.pair
+    norms = {m: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pair.parameters(m)])).item()
+             for m in ("fast", "slow")}
+    assert norms["fast"] > 1e-3 and norms["slow"] > 1e-3
+    limit = 0.5 * min(norms.values())
+    record = {}
+    total = run.clip_gradients(limit, record)
+    assert total == pytest.approx((norms["fast"] ** 2 + norms["slow"] ** 2) ** 0.5, rel=1e-5)
+    after = {m: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pair.parameters(m)])).item()
+             for m in ("fast", "slow")}
+    if scope == "per_module":  # each module clipped to the limit on its own
+        assert record["ofs/grad_norm_fast"] == pytest.approx(norms["fast"], rel=1e-5)
+        assert record["ofs/grad_norm_slow"] == pytest.approx(norms["slow"], rel=1e-5)
+        assert after["fast"] == pytest.approx(limit, rel=1e-4) and after["slow"] == pytest.approx(limit, rel=1e-4)
+    else:  # both scaled by one factor: their ratio is kept
+        assert "ofs/grad_norm_fast" not in record
+        assert (after["fast"] ** 2 + after["slow"] ** 2) ** 0.5 == pytest.approx(limit, rel=1e-4)
+        assert after["fast"] / after["slow"] == pytest.approx(norms["fast"] / norms["slow"], rel=1e-4)
+
+
+def test_a_skipped_update_still_closes_the_window_at_its_boundary(tiny_model_dir, data, tmp_path, monkeypatch):
+    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", "ofs.swap_interval=2", "train.max_steps=4"))
+    original, skipped = OfsRun.micro_step, {2, 3}
+
+    def micro_step(self, *args, **kwargs):
+        return None if self.state["step"] + 1 in skipped else original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OfsRun, "micro_step", micro_step)
+    counts = []
+    for _ in range(4):
+        run.optimizer_step()
+        counts.append(run.roles.count)
+    assert counts == [1, 0, 0, 0]  # step 1 enters the window, step 2 (skipped) closes it, step 3 adds nothing
+
+
+def test_a_resumed_run_restores_the_role_state_of_its_checkpoint(tiny_model_dir, data, tmp_path, monkeypatch):
+    extra = ["train.max_steps=6", "train.save_steps=5", "ofs.swap_interval=3", "ofs.alpha=0.5"]
+    train_until_killed(_config(tiny_model_dir, data, tmp_path / "r", *extra), 5, monkeypatch)
+    ckpt = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
+    saved = json.loads((ckpt / "state.json").read_text())["ofs_roles"]
+    assert saved["count"] == 2  # steps 4 and 5 in the open window
+    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", *extra))
+    run.restore(ckpt)
+    assert run.roles.state_dict() == saved
+
+
+def test_ofs_refuses_dropout_and_named_targets(tiny_model_dir, data, tmp_path):
+    for extra in ("parametrization.dropout=0.1", "parametrization.target_modules=[q_proj]"):
+        with pytest.raises(ConfigError, match=r"^schedule: ofs: the fast/slow pair takes parametrization.dropout=0 "
+                                              r"and target_modules=\[all-linear\]$"):
+            OfsRun(_config(tiny_model_dir, data, tmp_path / "r", extra))
