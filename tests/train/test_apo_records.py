@@ -1,0 +1,142 @@
+"""What an APO run writes, by value: each iteration's record against its pairs and models on disk (KL to the
+previous iterate, extrapolation norm, scores), the returned model, the extrapolated model's own evaluation,
+prompt slices, the errors a run can meet, and the weight arithmetic helpers."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from preflab.config import load_config
+from preflab.data.dataset import load_pairs
+from preflab.data.tokenize import PairTokenizer
+from preflab.eval.preference import score_pairs
+from preflab.models.loader import load_model
+from preflab.models.scorer import SequenceScorer
+from preflab.train.apo import ApoRun, copy_dir_atomically, dense_state, extrapolate
+from preflab.train.loop import TrainingError, train
+
+
+def _cfg(model, out, *extra):
+    return load_config(None, [
+        "schedule=apo", f"model.name={model}", f"output_dir={out}", "data.eval=null", "eval.task=null",
+        "train.progress=false", "diag.enabled=false", "parametrization.kind=full", "apo.task=concision",
+        "apo.iterations=2", "apo.prompts_per_iteration=6", "apo.k=4", "apo.max_new_tokens=10", "apo.batch_prompts=6",
+        "train.batch_size=4", "train.max_steps=2", "train.lr=1e-2", "train.warmup_ratio=0", *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("apo-records") / "apo"
+    train(_cfg(tiny_model_dir, out, "apo.alpha=0.3", "apo.return_extrapolated=true", "apo.eval_extrapolated=true",
+               "eval.task=concision", "eval.num_prompts=4", "eval.max_new_tokens=6"))
+    return out
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sequence_logps(model_path, pairs_file, tokenizer):
+    pairs, _ = load_pairs(str(pairs_file), "train", PairTokenizer(tokenizer))
+    model = load_model(str(model_path)).eval()
+    with torch.no_grad():
+        logps = score_pairs(SequenceScorer(model), pairs, 8, tokenizer.pad_token_id, "cpu")
+    return torch.cat([logps.chosen, logps.rejected])
+
+
+def test_each_record_is_its_iterations_pairs_and_models(run_dir, tiny_model_dir, tokenizer):
+    records = _records(run_dir)
+    assert [r["apo/iteration"] for r in records] == [1, 2] and [r["step"] for r in records] == [2, 4]
+    for t, r in enumerate(records, start=1):
+        it = run_dir / f"iter-{t}"
+        stats = json.loads((it / "pairs" / "train.stats.json").read_text())
+        assert r["apo/pairs_kept"] == stats["pairs"] > 0 and r["apo/prompts"] == stats["prompts"] == 6
+        assert r["apo/score_mean"] == stats["score_all_samples"]["mean"]
+        assert (r["apo/score_best"], r["apo/score_worst"], r["apo/score_gap"]) == (
+            stats["score_chosen"]["mean"], stats["score_rejected"]["mean"], stats["score_gap"]["mean"])
+        assert r["apo/alpha"] == 0.3 and r["apo/train_steps"] == 2
+        # KL(π_t ‖ π̂_{t+1}) on the iteration's responses (samples of π_t): mean of log π_t − log π̂_{t+1}
+        start = tiny_model_dir if t == 1 else run_dir / "iter-1" / "extrapolated"
+        kl = (_sequence_logps(start, it / "pairs" / "train.jsonl", tokenizer)
+              - _sequence_logps(it / "policy", it / "pairs" / "train.jsonl", tokenizer)).mean().item()
+        assert r["apo/kl_to_prev"] == pytest.approx(kl, rel=1e-4, abs=1e-5)
+        hat, theta = dense_state(load_model(str(it / "policy"))), dense_state(load_model(str(it / "extrapolated")))
+        norm = torch.sqrt(sum(((theta[k] - hat[k]) ** 2).sum() for k in hat)).item()
+        assert r["apo/extrap_norm"] == pytest.approx(norm, rel=1e-4) and norm > 0
+        for key in ("time/generation_seconds", "time/training_seconds", "time/eval_seconds"):
+            assert r[key] >= 0
+        evaluation = json.loads((it / "eval.json").read_text())
+        assert r["gold/reward"] == evaluation["policy"]["gold/reward"]
+        assert r["gold_extrapolated/reward"] == evaluation["extrapolated"]["gold/reward"]
+
+
+def test_return_extrapolated_returns_the_last_extrapolated_model(run_dir):
+    final = dense_state(load_model(str(run_dir / "final")))
+    last = dense_state(load_model(str(run_dir / "iter-2" / "extrapolated")))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    hat2, hat1 = (dense_state(load_model(str(run_dir / f"iter-{t}" / "policy"))) for t in (2, 1))
+    for k in final:  # extrapolated after the last iteration too, from θ̂_2 and θ̂_1
+        torch.testing.assert_close(final[k], 1.3 * hat2[k] - 0.3 * hat1[k], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("schedule", ["disjoint", "reuse"])
+def test_prompt_slices(tiny_model_dir, tmp_path, schedule):
+    out = tmp_path / schedule
+    train(_cfg(tiny_model_dir, out, "apo.alpha=0", f"apo.prompt_schedule={schedule}", "apo.k=2",
+               "apo.min_score_gap=-1"))
+    prompts = [{json.loads(line)["prompt"][0]["content"] for line in
+                (out / f"iter-{t}" / "pairs" / "train.jsonl").read_text().splitlines()} for t in (1, 2)]
+    offsets = [json.loads((out / f"iter-{t}" / "pairs" / "train.stats.json").read_text())["config"]["offset"]
+               for t in (1, 2)]
+    if schedule == "disjoint":
+        assert offsets == [0, 6] and not prompts[0] & prompts[1]
+    else:
+        assert offsets == [0, 0] and prompts[0] & prompts[1]
+
+
+def test_no_pair_in_an_iteration_stops_with_what_to_change(tiny_model_dir, tmp_path):
+    with pytest.raises(TrainingError, match=r"apo iteration 1: no pair from 6 prompts .*raise apo.k or "
+                                            r"apo.temperature"):
+        train(_cfg(tiny_model_dir, tmp_path / "r", "apo.min_score_gap=100"))
+
+
+def test_dense_state_keeps_floating_tensors_as_fp32_copies(tokenizer):
+    model = make_tiny_model(tokenizer).to(torch.bfloat16)
+    model.register_buffer("steps", torch.tensor([3]))
+    state = dense_state(model)
+    assert "steps" not in state and state and all(v.dtype == torch.float32 for v in state.values())
+    key = next(iter(state))
+    state[key].add_(1)  # a copy: the model is untouched
+    assert not torch.equal(state[key], model.state_dict()[key].float())
+
+
+def test_extrapolate_in_fp32_and_names_a_missing_anchor():
+    new, prev = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}, {"w": torch.tensor([0.5, 2.5])}
+    out = extrapolate(new, prev, 0.5)
+    assert out["w"].dtype == torch.float32 and out["w"].tolist() == [1.25, 1.75]
+    assert extrapolate(new, prev, 0.0) is new
+    with pytest.raises(ValueError, match=r"^extrapolation anchor lacks tensors \['w'\]"):
+        extrapolate(new, {}, 0.5)
+
+
+def test_copy_dir_atomically_replaces_what_was_there(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "a.txt").write_text("new")
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    copy_dir_atomically(src, out)
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"] and (out / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_start_model_and_base(tiny_model_dir, tmp_path):
+    run = ApoRun(_cfg(tiny_model_dir, tmp_path / "r", "apo.alpha=0.3"))
+    assert run.start_model(0) == str(tiny_model_dir)
+    assert run.start_model(1) == str(tmp_path / "r" / "iter-1" / "extrapolated")
+    plain = ApoRun(_cfg(tiny_model_dir, tmp_path / "p", "apo.alpha=0"))
+    assert plain.start_model(1) == str(tmp_path / "p" / "iter-1" / "policy")
+    base = run.base()
+    assert base is run.base() and not base.training and not any(p.requires_grad for p in base.parameters())
