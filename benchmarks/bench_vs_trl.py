@@ -111,7 +111,7 @@ def worker_preflab(a) -> dict:
     import torch
 
     from preflab.config import load_config
-    from preflab.train.loop import OfflineRun
+    from preflab.train import TrainingRun
 
     layout, _, cache = a.variant.partition("+")
     out = Path(a.workdir) / f"preflab-{a.variant}"
@@ -128,7 +128,7 @@ def worker_preflab(a) -> dict:
                  f"parametrization.kind={a.param}"] + ([f"parametrization.r={a.lora_r}", "parametrization.alpha=32",
                                                         "parametrization.dropout=0"] if a.param == "lora" else [])
     config = load_config(None, overrides)
-    run = OfflineRun(config)
+    run = TrainingRun(config)
     cache_seconds = None
     if cache:
         t0 = time.perf_counter()

@@ -53,7 +53,7 @@ def _print_summary(result) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .train.loop import train
+    from .train import train
 
     path, overrides = _config_args(args.args)
     config = load_config(path, overrides)
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data.dataset import DataError
     from .data.sources import DataSourceError
     from .models.loader import ModelNotFoundError
+    from .train import TrainingError
     from .train.checkpoint import CheckpointError
-    from .train.loop import TrainingError
     from .train.safety import TrainingInterrupted
 
     args = build_parser().parse_args(argv)

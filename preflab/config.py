@@ -6,9 +6,10 @@ as YAML), and only then resolves the tree into the dataclasses below. Resolution
 and value before any work starts and raises :class:`ConfigError` naming the key, what was expected and,
 for an unknown key, the close matches.
 
-Two sections are *components*, chosen by a name and validated against that choice's own dataclass:
-``parametrization`` (``kind:``, see :mod:`preflab.adapters`) and ``loss`` (``name:``, see
-:mod:`preflab.losses`; a single mapping or a list of mappings summed with their ``weight``).
+Three sections are *components*, chosen by a name and validated against that choice's own dataclass:
+``parametrization`` (``kind:``, see :mod:`preflab.adapters`), ``loss`` (``name:``, see :mod:`preflab.losses`; a
+single mapping or a list of mappings summed with their ``weight``) and ``optim`` (``name:``, see
+:mod:`preflab.optim`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from .optim.merging import MergingOptions
 
 
 class ConfigError(ValueError):
@@ -214,24 +213,6 @@ class Component:
 
 
 @dataclass(frozen=True)
-class OptimConfig(MergingOptions):
-    """The optimizer: AdamW (from ``train.lr``, ``train.adam_betas``, ``train.weight_decay``) or an online merging
-    AdamW (preflab.optim.merging) with the merging options inherited from ``MergingOptions``."""
-
-    name: str = field(default="adamw", metadata={"choices": ("adamw", "ondare_adamw", "onties_adamw")})
-    base_model: str | None = None  # θ_base of the task vector τ = θ_SFT − θ_base (any model the loader accepts)
-    sft_model: str | None = None  # θ_SFT; null: model.name (the SFT model is the starting policy and reference)
-    # full_only: merge on every trainable tensor with a matching τ, adapter tensors get plain AdamW (the paper's
-    # setting is full fine-tuning; the spec's adapter_space/project modes are not implemented)
-    adapter_mode: str = field(default="full_only", metadata={"choices": ("full_only",)})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.name != "adamw" and not self.base_model:
-            raise ValueError(f"base_model: {self.name} needs the base model of the task vector (optim.base_model)")
-
-
-@dataclass(frozen=True)
 class OfsConfig:
     """Fast-slow chasing (``schedule: ofs``, preflab.train.ofs): two LoRA modules on one base, the leader widening
     its lead and the chaser closing the gap. The spec is ../methods/ofs-cofs.md (Qi et al., arXiv 2406.05534)."""
@@ -353,7 +334,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # generation-based evaluation
     diag: DiagConfig = field(default_factory=DiagConfig)  # 3D-properties diagnostics
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: Component = field(default=None)  # type: ignore[assignment]  # optim.name: the optimizer and its settings
     apo: ApoConfig = field(default_factory=ApoConfig)  # schedule: apo
     ofs: OfsConfig = field(default_factory=OfsConfig)  # schedule: ofs (and cofs's OFS arms)
     cofs: CofsConfig = field(default_factory=CofsConfig)  # schedule: cofs
@@ -369,11 +350,14 @@ class Config:
 def _component_registries() -> dict[str, tuple[str, dict[str, type], Any]]:
     from .adapters import parametrization_registry
     from .losses import loss_registry
+    from .optim import optimizer_registry
 
     params = {k: v.params for k, v in parametrization_registry().items()}
     losses = {k: v.hparams for k, v in loss_registry().items()}
+    optimizers = {k: v.settings for k, v in optimizer_registry().items()}
     return {"parametrization": ("kind", params, {"kind": "lora"}),
-            "loss": ("name", losses, {"name": "sigmoid"})}
+            "loss": ("name", losses, {"name": "sigmoid"}),
+            "optim": ("name", optimizers, {"name": "adamw"})}
 
 
 def _resolve_component(raw: Any, path: str, key: str, registry: dict[str, type]) -> Component:

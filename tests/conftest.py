@@ -82,16 +82,16 @@ def sentiment_rows(n: int, offset: int = 0) -> list[dict]:
 
 def train_until_killed(config, step: int, monkeypatch) -> None:
     """Runs ``train(config)`` and kills it (KeyboardInterrupt) once it has finished ``step`` optimizer steps."""
-    from preflab.train.loop import OfflineRun, train
+    from preflab.train import TrainingRun, train
 
-    original = OfflineRun.optimizer_step
+    original = TrainingRun.optimizer_step
 
     def killed(self):
         if self.state["step"] == step:
             raise KeyboardInterrupt("simulated kill")
         return original(self)
 
-    monkeypatch.setattr(OfflineRun, "optimizer_step", killed)
+    monkeypatch.setattr(TrainingRun, "optimizer_step", killed)
     with pytest.raises(KeyboardInterrupt):
         train(config)
-    monkeypatch.setattr(OfflineRun, "optimizer_step", original)
+    monkeypatch.setattr(TrainingRun, "optimizer_step", original)

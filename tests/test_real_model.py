@@ -12,7 +12,7 @@ from preflab.data.dataset import load_pairs
 from preflab.data.tokenize import PairTokenizer
 from preflab.models.loader import DEFAULT_MODEL, load_model
 from preflab.models.scorer import SequenceScorer
-from preflab.train.loop import OfflineRun
+from preflab.train import TrainingRun
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -39,7 +39,7 @@ def test_one_lora_dpo_step_on_the_default_model_and_data(tmp_path):
     cfg = load_config(CONFIGS / "dpo.yaml", [f"output_dir={tmp_path}", "train.max_steps=1", "train.batch_size=2",
                                            "data.max_train_pairs=2", "data.eval=null", "train.progress=false",
                                            "eval.task=null"])
-    run = OfflineRun(cfg)
+    run = TrainingRun(cfg)
     trainable, total = run.param.parameter_counts()
     assert 0 < trainable < 0.1 * total
     result = run.run()

@@ -10,7 +10,7 @@ from conftest import sentiment_rows, write_jsonl
 
 from preflab.cli import main
 from preflab.config import load_config
-from preflab.train.loop import train
+from preflab.train import train
 
 
 @pytest.fixture(scope="module")

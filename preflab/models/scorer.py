@@ -17,6 +17,8 @@ only while its log-softmax is taken, and under autograd each chunk is recomputed
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -111,3 +113,14 @@ class SequenceScorer(nn.Module):
         counts = torch.zeros(num_sequences, dtype=torch.float32, device=seq.device).index_add(
             0, seq, torch.ones_like(seq, dtype=torch.float32))
         return logps, counts
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """Dropout off for a forward that must be deterministic (reference, evaluation); restores the mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

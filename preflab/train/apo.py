@@ -27,8 +27,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,15 +35,17 @@ import torch
 from accelerate import PartialState
 from torch import Tensor
 
-from ..config import Config, ConfigError
+from ..config import ApoConfig, Config, ConfigError
 from ..data.build import BuildConfig, build_pairs
 from ..eval.generation import GenerationEvaluator
 from ..models.generate import SamplingConfig
 from ..models.loader import load_model, load_tokenizer
-from ..models.scorer import SequenceScorer
+from ..models.scorer import SequenceScorer, eval_mode
 from ..tasks import get_task
 from .engine import cpu_processes
-from .loop import OfflineRun, RunResult, TrainingError, _write_json, eval_mode, record_config
+from .loop import TrainingRun
+from .outputs import RunResult, TrainingError, copy_dir_atomically, record_config, save_model_atomically, write_json
+from .schedules import register_schedule
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +68,6 @@ def extrapolate(new: dict[str, Tensor], prev: dict[str, Tensor], alpha: float) -
         dtype = torch.promote_types(v.dtype, torch.float32)
         out[k] = v.to(dtype) + alpha * (v.to(dtype) - prev[k].to(dtype))
     return out
-
-
-def _save_model_atomically(model: torch.nn.Module, tokenizer, out: Path) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-def copy_dir_atomically(src: Path, out: Path) -> None:
-    """``out`` becomes a copy of ``src``, written under a temporary name and renamed into place."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 class ApoRun:
@@ -162,13 +143,13 @@ class ApoRun:
                                 f"best and worst of k={ac.k} samples tied); raise apo.k or apo.temperature")
         return stats
 
-    def kl_to_prev(self, run: OfflineRun) -> float:
+    def kl_to_prev(self, run: TrainingRun) -> float:
         """KL(π_t ‖ π̂_{t+1}) estimated on the iteration's pair responses (samples of π_t: its best and worst)."""
         chunk = self.config.scorer.chunk_size
         with torch.no_grad(), eval_mode(run.param.model):
-            policy = run.score(SequenceScorer(run.param.model, chunk), run.train_pairs)
+            policy = run.evaluation.score(SequenceScorer(run.param.model, chunk), run.train_pairs)
             with run.param.reference() as ref, eval_mode(ref):
-                ref_logps = run.score(SequenceScorer(ref, chunk), run.train_pairs)
+                ref_logps = run.evaluation.score(SequenceScorer(ref, chunk), run.train_pairs)
         diffs = torch.cat([ref_logps.chosen - policy.chosen, ref_logps.rejected - policy.rejected])
         return diffs.mean().item()
 
@@ -189,7 +170,7 @@ class ApoRun:
         t_gen = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        run = OfflineRun(self.inner_config(t, out / "pairs" / "train.jsonl"))
+        run = TrainingRun(self.inner_config(t, out / "pairs" / "train.jsonl"))
         result = run.run()
         t_train = time.perf_counter() - t0
         if self.main:  # the others wait: the KL estimate, the evaluation and the extrapolation are not sharded yet
@@ -200,7 +181,7 @@ class ApoRun:
         self.processes.wait_for_everyone()
         return json.loads((out / "done.json").read_text())
 
-    def finish_iteration(self, t: int, run: OfflineRun, result: RunResult, stats: dict, times: dict,
+    def finish_iteration(self, t: int, run: TrainingRun, result: RunResult, stats: dict, times: dict,
                          steps_before: int) -> None:
         """KL to θ_t, ``policy/``, the generation eval, ``extrapolated/``, ``done.json`` (main process)."""
         ac, out = self.ac, self.iteration_dir(t)
@@ -209,7 +190,7 @@ class ApoRun:
         kl_prev = self.kl_to_prev(run)
         merged = run.param.merged_model()
         hat = dense_state(merged)
-        _save_model_atomically(merged, self.tokenizer, out / "policy")
+        save_model_atomically(merged, self.tokenizer, out / "policy")
         evaluation = self.generation_eval(run.param.model)
         t_eval = time.perf_counter() - t0
 
@@ -223,7 +204,7 @@ class ApoRun:
             # (for full fine-tuning ``merged`` is the trained policy itself: θ̂ is saved and evaluated above)
             unexpected = merged.load_state_dict(theta, strict=False).unexpected_keys
             assert not unexpected, f"extrapolated tensors the model does not hold: {unexpected[:3]}"
-            _save_model_atomically(merged, self.tokenizer, out / "extrapolated")
+            save_model_atomically(merged, self.tokenizer, out / "extrapolated")
             if ac.eval_extrapolated:
                 evaluation_x = self.generation_eval(merged)
 
@@ -242,8 +223,8 @@ class ApoRun:
             if ev is not None:
                 record.update({f"{tag}/{k.split('/', 1)[1]}": v for k, v in ev.items() if k.startswith("gold/")})
         if evaluation is not None:
-            _write_json(out / "eval.json", {"policy": evaluation, "extrapolated": evaluation_x})
-        _write_json(out / "done.json", record)
+            write_json(out / "eval.json", {"policy": evaluation, "extrapolated": evaluation_x})
+        write_json(out / "done.json", record)
         log.info("apo iteration %d: %d pairs, sample score %.4f, %s", t + 1, stats["pairs"],
                  record["apo/score_mean"], f"gold reward {record['gold/reward']:.4f}" if evaluation else "")
         del merged, hat
@@ -276,3 +257,6 @@ class ApoRun:
         seconds = sum(r["time/training_seconds"] for r in records)
         return RunResult(self.run_dir, records[-1]["step"], seconds, first_eval.get("before"), last_eval.get("after"),
                          generation)
+
+
+register_schedule("apo", ApoConfig, driver=ApoRun)

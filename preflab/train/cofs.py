@@ -32,7 +32,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import random
 import shutil
 from contextlib import nullcontext
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from ..config import Config, ConfigError, DomainConfig
+from ..config import CofsConfig, Config, ConfigError, DomainConfig
 from ..data.collate import collate_pairs
 from ..data.dataset import load_pairs
 from ..data.sources import read_rows
@@ -50,22 +49,18 @@ from ..eval.generation import GenerationEvaluator
 from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
 from ..losses import PairLogps, build_objective
 from ..models.loader import load_model, load_tokenizer
-from ..models.scorer import SequenceScorer
+from ..models.scorer import SequenceScorer, eval_mode
 from ..ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
 from ..ofs.weights import grid_choice, pgd_choice
-from .apo import _save_model_atomically, copy_dir_atomically
+from .compat import check_compatible
 from .engine import cpu_processes
-from .loop import OfflineRun, RunResult, _write_json, eval_mode, record_config
+from .loop import TrainingRun
+from .outputs import RunResult, copy_dir_atomically, record_config, save_model_atomically, write_json, write_rows
+from .schedules import register_schedule
 
 log = logging.getLogger(__name__)
 
 SELECT_EXPORT = {"best_val_fast": "best_val_fast", "final_leader": "leader", "final_fast": "fast"}
-
-
-def _write_rows(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(tmp, path)
 
 
 def _rows(source: str, split: str) -> list[dict]:
@@ -107,8 +102,7 @@ class DomainsRun:
         if missing:
             raise ConfigError(f"data.domains: every domain needs held-out pairs (eval) to be scored; {missing} have "
                               "none")
-        if self.cc.arm == "cofs" and config.parametrization.name != "lora":
-            raise ConfigError("cofs.arm=cofs combines LoRA modules; set parametrization.kind=lora")
+        check_compatible(config)
         self.processes = PartialState(cpu=cpu_processes())  # the process group (one process: a no-op)
         self.main = self.processes.is_main_process
         self.device = self.processes.device
@@ -161,13 +155,13 @@ class DomainsRun:
             rows = _rows(domain.train, domain.train_split)
             rng = random.Random(f"cofs-buffer-{self.config.seed}-{d}")
             keep = sorted(rng.sample(range(len(rows)), min(self.cc.buffer_size, len(rows))))
-            _write_rows([rows[i] for i in keep], path)
+            write_rows([rows[i] for i in keep], path)
         self.processes.wait_for_everyone()
         return path
 
     def write_rows(self, rows: list[dict], path: Path) -> None:
         if self.main:
-            _write_rows(rows, path)
+            write_rows(rows, path)
         self.processes.wait_for_everyone()
 
     def inner_config(self, d: int) -> Config:
@@ -268,7 +262,7 @@ class DomainsRun:
         out = self.stage_dir(d)
         rank = sum(m[next(iter(m))].A.shape[0] for m, c in zip(modules, combined) if c != 0)
         if self.main:
-            _write_json(out / "combine.json", {**choice, "delta_coeffs": deltas, "combined_coeffs": combined})
+            write_json(out / "combine.json", {**choice, "delta_coeffs": deltas, "combined_coeffs": combined})
             shutil.rmtree(out / "combined", ignore_errors=True)
             save_concat_adapter(modules, combined, out / "combined", self.config.model.name)
         model = load_model(self.config.model.name, self.config.model.dtype, self.config.model.attn_implementation)
@@ -316,12 +310,7 @@ class DomainsRun:
                  self.start_model(d))
         if arm != "joint_dpo":
             self.write_buffer(d)
-        if arm in ("cofs", "sequential_ofs"):
-            from .ofs import OfsRun
-
-            run = OfsRun(self.inner_config(d))
-        else:
-            run = OfflineRun(self.inner_config(d))
+        run = TrainingRun(self.inner_config(d))
         result: RunResult = run.run()
         record = {"stage": d + 1, "domain": self.stages()[d].name, "steps": result.steps, "seconds": result.seconds,
                   "start": self.start_model(d)}
@@ -334,15 +323,15 @@ class DomainsRun:
             del run
             gc.collect()
         if self.main:
-            _save_model_atomically(model, self.tokenizer, out / "model")
+            save_model_atomically(model, self.tokenizer, out / "model")
         model = model.to(self.device)
         record["eval"] = self.evaluate_domains(model)
         record["scores"] = {k: v["score"] for k, v in record["eval"].items()}
         del model
         gc.collect()
         if self.main:
-            _write_json(out / "eval.json", record["eval"])
-            _write_json(out / "done.json", {k: v for k, v in record.items() if k != "eval"})
+            write_json(out / "eval.json", record["eval"])
+            write_json(out / "done.json", {k: v for k, v in record.items() if k != "eval"})
         self.processes.wait_for_everyone()
         return record
 
@@ -372,7 +361,7 @@ class DomainsRun:
                 line.update({"cofs/weights": r["cofs"]["weights"], "cofs/objective": r["cofs"]["objective"]})
             lines.append(json.dumps(line) + "\n")
         if self.main:
-            _write_json(self.run_dir / "matrix.json", summary)
+            write_json(self.run_dir / "matrix.json", summary)
             (self.run_dir / "metrics.jsonl").write_text("".join(lines))
             copy_dir_atomically(self.stage_dir(len(records) - 1) / "model", self.run_dir / "final")
         self.processes.wait_for_everyone()
@@ -390,3 +379,6 @@ def format_matrix(summary: dict) -> str:
     if "average_forgetting" in summary:
         lines.append(f"average forgetting {summary['average_forgetting']:.4f}")
     return "\n".join(lines)
+
+
+register_schedule("cofs", CofsConfig, driver=DomainsRun)

@@ -15,7 +15,7 @@ from preflab.adapters.ropo import RopoLinear, RopoParams
 from preflab.config import load_config
 from preflab.eval.energy import hyperspherical_energy
 from preflab.models.scorer import SequenceScorer
-from preflab.train.loop import train
+from preflab.train import train
 
 STRUCTURES = {"block_diagonal": ((4, 1),), "butterfly": ((2, 1), (2, 2), (2, 4), (2, 8)),
               "multi_granularity": ((2, 1), (4, 2), (2, 8))}

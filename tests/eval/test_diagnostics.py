@@ -11,7 +11,7 @@ from preflab.data.formats import normalize_row
 from preflab.data.tokenize import PairTokenizer
 from preflab.eval.diagnostics import ThreeDProbe
 from preflab.models.scorer import SequenceScorer
-from preflab.train.loop import train
+from preflab.train import train
 
 
 @pytest.mark.parametrize("kind", ["reference_samples", "cross_prompt"])

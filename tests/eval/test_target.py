@@ -6,7 +6,7 @@ from conftest import sentiment_rows, write_jsonl
 
 from preflab.cli import main
 from preflab.config import load_config
-from preflab.train.loop import train
+from preflab.train import train
 
 
 def test_run_with_a_task_and_preflab_eval(tiny_model_dir, tmp_path, capsys):

@@ -11,7 +11,8 @@ from preflab.adapters.lora import LoraParams
 from preflab.config import load_config
 from preflab.data.tokenize import TokenizedPair
 from preflab.models.reference_cache import ReferenceCache, model_fingerprint, pair_key
-from preflab.train.loop import OfflineRun, train
+from preflab.train import train
+from preflab.train.reference import ReferenceLogps
 
 
 def test_pair_key_names_every_token_and_the_boundaries():
@@ -62,14 +63,14 @@ def test_cache_round_trip_and_unreadable_files(tmp_path):
 def counted(monkeypatch):
     """Counts the pairs whose reference log-probs the loop computes."""
     seen = {"pairs": 0, "calls": 0}
-    original = OfflineRun._reference_forward
+    original = ReferenceLogps.forward
 
     def counting(self, batch):
         seen["pairs"] += batch.num_pairs
         seen["calls"] += 1
         return original(self, batch)
 
-    monkeypatch.setattr(OfflineRun, "_reference_forward", counting)
+    monkeypatch.setattr(ReferenceLogps, "forward", counting)
     return seen
 
 

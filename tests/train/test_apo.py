@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from preflab.config import ConfigError, load_config
 from preflab.models.loader import load_model
-from preflab.train.loop import OfflineRun, train
+from preflab.train import TrainingRun, train
 
 
 def _cfg(model, out, *extra):
@@ -104,25 +104,25 @@ def test_interrupted_run_skips_finished_iterations(tiny_model_dir, tmp_path, mon
     extra = ("apo.alpha=0.3", "train.save_steps=1")
     train(_cfg(tiny_model_dir, tmp_path / "straight", *extra))
 
-    original, inits = OfflineRun.optimizer_step, []
+    original, inits = TrainingRun.optimizer_step, []
 
     def killed_in_iteration_2(self):
         if "iter-2" in str(self.run_dir) and self.state["step"] == 1:
             raise KeyboardInterrupt("simulated kill")
         return original(self)
 
-    monkeypatch.setattr(OfflineRun, "optimizer_step", killed_in_iteration_2)
+    monkeypatch.setattr(TrainingRun, "optimizer_step", killed_in_iteration_2)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_model_dir, tmp_path / "resumed", *extra))
-    monkeypatch.setattr(OfflineRun, "optimizer_step", original)
+    monkeypatch.setattr(TrainingRun, "optimizer_step", original)
     done_before = (tmp_path / "resumed" / "iter-1" / "done.json").read_text()
-    original_init = OfflineRun.__init__
+    original_init = TrainingRun.__init__
 
     def counted_init(self, config):
         inits.append(config.output_dir)
         original_init(self, config)
 
-    monkeypatch.setattr(OfflineRun, "__init__", counted_init)
+    monkeypatch.setattr(TrainingRun, "__init__", counted_init)
     train(_cfg(tiny_model_dir, tmp_path / "resumed", *extra))
     assert inits == [str(tmp_path / "resumed" / "iter-2" / "train")]  # iteration 1 was not redone
     assert (tmp_path / "resumed" / "iter-1" / "done.json").read_text() == done_before

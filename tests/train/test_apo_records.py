@@ -14,8 +14,8 @@ from preflab.data.tokenize import PairTokenizer
 from preflab.eval.preference import score_pairs
 from preflab.models.loader import load_model
 from preflab.models.scorer import SequenceScorer
+from preflab.train import TrainingError, train
 from preflab.train.apo import ApoRun, copy_dir_atomically, dense_state, extrapolate
-from preflab.train.loop import TrainingError, train
 
 
 def _cfg(model, out, *extra):

@@ -16,8 +16,8 @@ from preflab.data.dataset import load_pairs
 from preflab.data.tokenize import PairTokenizer
 from preflab.models.loader import load_model
 from preflab.models.scorer import SequenceScorer
+from preflab.train import TrainingRun, train
 from preflab.train.cofs import DomainsRun, forgetting_summary
-from preflab.train.loop import OfflineRun, train
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_a_killed_run_resumes_to_the_same_matrix(tiny_model_dir, domains, tmp_pa
     def no_training(self):
         raise AssertionError("a finished stage trained again")
 
-    monkeypatch.setattr(OfflineRun, "run", no_training)
+    monkeypatch.setattr(TrainingRun, "run", no_training)
     again = train(config)  # every stage done: nothing runs, the summary is rebuilt
     assert again.steps == 8
 

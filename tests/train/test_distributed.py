@@ -12,8 +12,8 @@ from conftest import sentiment_rows, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import load_config
+from preflab.train import train
 from preflab.train.checkpoint import list_checkpoints
-from preflab.train.loop import train
 
 
 def _free_port() -> int:
@@ -149,8 +149,8 @@ def test_apo_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
 _RANK_WEIGHTS = """
 import sys
 from preflab.config import load_config
-from preflab.train.loop import OfflineRun
-run = OfflineRun(load_config(None, sys.argv[1:]))
+from preflab.train import TrainingRun
+run = TrainingRun(load_config(None, sys.argv[1:]))
 run.run()
 total = sum(float(p.detach().double().sum()) for p in run.param.trainable_parameters().values())
 print(f"RANK-WEIGHTS {run.rank} {total!r}", flush=True)

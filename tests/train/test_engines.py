@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from test_distributed import _args, _free_port, _losses
 
 from preflab.config import ConfigError, load_config
+from preflab.train import train
 from preflab.train.checkpoint import list_checkpoints
-from preflab.train.engine import check_engine
-from preflab.train.loop import train
+from preflab.train.compat import check_compatible
 
 ACCELERATE_CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
 ENGINES = {"fsdp": ("fsdp.yaml", "engine fsdp: 2 processes"),
@@ -96,15 +96,15 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
     ("diag.enabled=true", "set diag.enabled=false"),
 ])
 def test_sharding_engines_refuse_what_needs_whole_weights_before_any_work(engine, override, match):
-    config = load_config(None, ["diag.enabled=false", override])
+    config = load_config(None, ["diag.enabled=false", "ofs.fused_forward=true", override])
     with pytest.raises(ConfigError, match=match):
-        check_engine(config, engine)
-    check_engine(config, "ddp")
+        check_compatible(config, engine)
+    check_compatible(config, "ddp")
 
 
 def test_deepspeed_refuses_skipping_updates_it_applies_itself():
     config = load_config(None, ["diag.enabled=false", "train.on_nonfinite=skip"])
     with pytest.raises(ConfigError, match="DeepSpeed: train.on_nonfinite=skip .* use train.on_nonfinite=stop"):
-        check_engine(config, "deepspeed")
+        check_compatible(config, "deepspeed")
     for engine in ("single", "ddp", "fsdp"):
-        check_engine(config, engine)
+        check_compatible(config, engine)

@@ -9,7 +9,7 @@ from conftest import sentiment_rows, train_until_killed, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import ConfigError, load_config
-from preflab.train.loop import TrainingError, train
+from preflab.train import TrainingError, train
 
 
 @pytest.fixture(scope="module")

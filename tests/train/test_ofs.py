@@ -9,8 +9,7 @@ from conftest import sentiment_rows, train_until_killed, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import ConfigError, load_config
-from preflab.train.loop import train
-from preflab.train.ofs import OfsRun
+from preflab.train import TrainingRun, train
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_roles_follow_the_window_losses_and_the_leader_is_exported(tiny_model_di
 
     config = _config(tiny_model_dir, data, tmp_path / "run", "train.max_steps=9", "ofs.swap_interval=2",
                      "ofs.alpha=0.5", "ofs.slow_lr_ratio=3")  # the "slow" module learns faster: it takes the lead
-    run = OfsRun(config)
+    run = TrainingRun(config)
     run.run()
     records = _records(tmp_path / "run")
     leader = "fast"
@@ -72,7 +71,7 @@ def test_roles_follow_the_window_losses_and_the_leader_is_exported(tiny_model_di
     assert records[-1]["ofs/swaps"] >= 1  # the lead did change hands in this run
     assert {"ofs/gap", "ofs/push", "ofs/margin_fast", "ofs/margin_slow", "ofs/grad_norm_fast",
             "ofs/swaps"} <= set(records[-1])
-    exported = run.roles.leader  # after the final check on the partial window (step 9)
+    exported = run.program.roles.leader  # after the final check on the partial window (step 9)
     pairs, _ = load_pairs(data, "train", PairTokenizer(tokenizer), limit=4)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad(), run.param.pair.routed(exported) as model:
@@ -101,13 +100,13 @@ def test_a_killed_run_resumes_to_the_same_modules_and_roles(tiny_model_dir, data
 
 def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="parametrization.kind=lora"):
-        OfsRun(load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", "schedule=ofs",
+        TrainingRun(load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", "schedule=ofs",
                                   f"output_dir={tmp_path / 'a'}", "parametrization.kind=full"]))
     with pytest.raises(ConfigError, match="fused_forward=true"):
-        OfsRun(_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true"))
+        TrainingRun(_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true"))
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is needed
     with pytest.raises(ConfigError, match="several processes needs ofs.fused_forward=true"):
-        OfsRun(_config(tiny_model_dir, data, tmp_path / "c"))
+        TrainingRun(_config(tiny_model_dir, data, tmp_path / "c"))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -124,15 +123,15 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
     alpha, (beta_c, beta_r) = 0.5, (0.1, 0.1) if objective == "sigmoid" else (0.4, 0.2)
     extra = [] if objective == "sigmoid" else ["loss.name=flex", "loss.beta_chosen=0.4", "loss.beta_rejected=0.2",
                                                "loss.logp_normalize=mean"]
-    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "run", f"ofs.alpha={alpha}", f"ofs.fused_forward={fused}",
-                         *extra))
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "run", f"ofs.alpha={alpha}",
+                              f"ofs.fused_forward={fused}", *extra))
     pair = run.param.pair
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move the modules off the reference, apart from each other: margins and gap ≠ 0
         for layer in pair.layers.values():
             for m, std in (("fast", 0.3), ("slow", 0.1)):
                 layer.lora_B[m].copy_(torch.randn(layer.lora_B[m].shape, generator=generator) * std)
-    run.roles.leader = leader
+    run.program.roles.leader = leader
     indices = [0, 1, 2, 3]
     run.micro_step(indices, len(indices), sync=True, scale=1.0)
     got = {m: [p.grad.clone() for p in pair.parameters(m)] for m in MODULES}
@@ -159,7 +158,7 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
 def test_best_val_fast_exports_the_fast_module_at_its_lowest_held_out_loss(tiny_model_dir, data, tmp_path):
     config = _config(tiny_model_dir, data, tmp_path / "ofs", f"data.eval={data}", "train.lr=2e-2",
                      "train.max_steps=6", "train.eval_steps=1", "ofs.export=best_val_fast", "ofs.slow_lr_ratio=2")
-    run = OfsRun(config)
+    run = TrainingRun(config)
     run.run()
     record = json.loads((tmp_path / "ofs" / "eval.json").read_text())
     fast_losses = [h["ofs/fast_loss"] for h in record["history"][:-1]]  # steps 1..5; the last: the exported module
@@ -175,7 +174,7 @@ def test_best_val_fast_exports_the_fast_module_at_its_lowest_held_out_loss(tiny_
 
 
 def test_best_val_fast_without_held_out_pairs_exports_the_last_fast_module(tiny_model_dir, data, tmp_path, caplog):
-    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", "data.eval=null", "train.max_steps=2",
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", "data.eval=null", "train.max_steps=2",
                          "ofs.export=best_val_fast"))
     with caplog.at_level("WARNING", logger="preflab.train.ofs"):
         run.run()
@@ -193,7 +192,7 @@ def _grads(run, indices=(0, 1, 2, 3)):
 
 @pytest.mark.parametrize("scope", ["per_module", "joint"])
 def test_gradient_clipping_per_module_or_jointly(tiny_model_dir, data, tmp_path, scope):
-    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", f"ofs.clip_scope={scope}"))
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", f"ofs.clip_scope={scope}"))
     _grads(run)
     pair = run.param.pair
     norms = {m: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pair.parameters(m)])).item()
@@ -201,7 +200,7 @@ def test_gradient_clipping_per_module_or_jointly(tiny_model_dir, data, tmp_path,
     assert norms["fast"] > 1e-3 and norms["slow"] > 1e-3
     limit = 0.5 * min(norms.values())
     record = {}
-    total = run.clip_gradients(limit, record)
+    total = run.program.clip(run, limit, record)
     assert total == pytest.approx((norms["fast"] ** 2 + norms["slow"] ** 2) ** 0.5, rel=1e-5)
     after = {m: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pair.parameters(m)])).item()
              for m in ("fast", "slow")}
@@ -216,17 +215,17 @@ def test_gradient_clipping_per_module_or_jointly(tiny_model_dir, data, tmp_path,
 
 
 def test_a_skipped_update_still_closes_the_window_at_its_boundary(tiny_model_dir, data, tmp_path, monkeypatch):
-    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", "ofs.swap_interval=2", "train.max_steps=4"))
-    original, skipped = OfsRun.micro_step, {2, 3}
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", "ofs.swap_interval=2", "train.max_steps=4"))
+    original, skipped = TrainingRun.micro_step, {2, 3}
 
     def micro_step(self, *args, **kwargs):
         return None if self.state["step"] + 1 in skipped else original(self, *args, **kwargs)
 
-    monkeypatch.setattr(OfsRun, "micro_step", micro_step)
+    monkeypatch.setattr(TrainingRun, "micro_step", micro_step)
     counts = []
     for _ in range(4):
         run.optimizer_step()
-        counts.append(run.roles.count)
+        counts.append(run.program.roles.count)
     assert counts == [1, 0, 0, 0]  # step 1 enters the window, step 2 (skipped) closes it, step 3 adds nothing
 
 
@@ -236,13 +235,13 @@ def test_a_resumed_run_restores_the_role_state_of_its_checkpoint(tiny_model_dir,
     ckpt = sorted((tmp_path / "r" / "checkpoints").iterdir())[-1]
     saved = json.loads((ckpt / "state.json").read_text())["ofs_roles"]
     assert saved["count"] == 2  # steps 4 and 5 in the open window
-    run = OfsRun(_config(tiny_model_dir, data, tmp_path / "r", *extra))
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", *extra))
     run.restore(ckpt)
-    assert run.roles.state_dict() == saved
+    assert run.program.roles.state_dict() == saved
 
 
 def test_ofs_refuses_dropout_and_named_targets(tiny_model_dir, data, tmp_path):
     for extra in ("parametrization.dropout=0.1", "parametrization.target_modules=[q_proj]"):
         with pytest.raises(ConfigError, match=r"^schedule: ofs: the fast/slow pair takes parametrization.dropout=0 "
                                               r"and target_modules=\[all-linear\]$"):
-            OfsRun(_config(tiny_model_dir, data, tmp_path / "r", extra))
+            TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", extra))

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 from preflab.config import load_config
 from preflab.export import export_run
-from preflab.train.loop import train
+from preflab.train import train
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from conftest import sentiment_rows, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import ConfigError, load_config
+from preflab.train import TrainingError, TrainingRun, train
 from preflab.train import checkpoint as checkpoint_module
 from preflab.train.checkpoint import CheckpointError, list_checkpoints
-from preflab.train.loop import OfflineRun, TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_skip_gives_up_after_the_limit(tiny_model_dir, data, tmp_path, monkeypat
 
 
 def test_non_finite_gradient_stops_before_the_update(tiny_model_dir, data, tmp_path, monkeypatch):
-    original = OfflineRun.micro_step
+    original = TrainingRun.micro_step
 
     def nan_grad(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
@@ -84,7 +84,7 @@ def test_non_finite_gradient_stops_before_the_update(tiny_model_dir, data, tmp_p
             next(p for p in self.param.model.parameters() if p.requires_grad).grad.fill_(float("inf"))
         return out
 
-    monkeypatch.setattr(OfflineRun, "micro_step", nan_grad)
+    monkeypatch.setattr(TrainingRun, "micro_step", nan_grad)
     with pytest.raises(TrainingError, match=r"non-finite gradient \(norm inf\) at step 2, batch of 4 pairs"):
         train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=3", "train.save_steps=1"]))
     (only,) = list_checkpoints(tmp_path / "r")
@@ -92,7 +92,7 @@ def test_non_finite_gradient_stops_before_the_update(tiny_model_dir, data, tmp_p
 
 
 def test_a_non_finite_weight_is_never_checkpointed(tiny_model_dir, data, tmp_path):
-    run = OfflineRun(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=1"]))
+    run = TrainingRun(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=1"]))
     next(p for p in run.param.model.parameters() if p.requires_grad).data[0] = float("nan")
     with pytest.raises(TrainingError, match="refusing to write the checkpoint of step 0: non-finite values"):
         run.save()

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from preflab.config import load_config
 from preflab.losses import loss_registry
-from preflab.train.loop import OfflineRun
+from preflab.train import TrainingRun
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def _two_steps(model_dir, data, out, *extra):
     cfg = load_config(None, [f"model.name={model_dir}", f"data.train={data}", "data.eval=null",
                              f"output_dir={out}", "train.progress=false", "train.max_steps=2", "train.batch_size=4",
                              "train.lr=1e-2", "train.warmup_ratio=0", *extra])
-    run = OfflineRun(cfg)
+    run = TrainingRun(cfg)
     before = {k: v.clone() for k, v in run.param.trainable_state_dict().items()}
     result = run.run()
     after = load_file(out / "checkpoints" / "step-00000002" / "trainable.safetensors")
@@ -51,7 +51,7 @@ def test_parametrization_and_precision_options(tiny_model_dir, data8, tmp_path, 
 def test_lora_targets_only_the_named_modules(tiny_model_dir, data8, tmp_path):
     cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data8}", "data.eval=null",
                              f"output_dir={tmp_path}", "parametrization.target_modules=[q_proj]"])
-    names = OfflineRun(cfg).param.trainable_state_dict()
+    names = TrainingRun(cfg).param.trainable_state_dict()
     assert names and all("q_proj" in n for n in names)
 
 

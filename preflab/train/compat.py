@@ -1,0 +1,106 @@
+"""The one table of combinations preflab refuses, with the reason, checked before any work.
+
+Every other combination of objective × parametrization × optimizer × schedule × engine is expected to work (the
+composability matrix test trains them). A row names the axes it spans, when it applies (to a config and the engine
+it runs under) and the message, which names the key to change; the README's compatibility table is checked
+against this table by a test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Config, ConfigError
+
+ENGINE_LABELS = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP", "deepspeed": "DeepSpeed"}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    axes: str  # the components it spans, e.g. "engine × schedule"
+    what: str  # the combination, in the README's words
+    applies: Callable[[Config, str], bool]  # (config, engine name)
+    message: Callable[[Config, str], str]
+
+
+def _sharded(engine: str) -> bool:
+    return engine in ("fsdp", "deepspeed")
+
+
+def _on_sharded(engine: str, reason: str) -> str:
+    label = ENGINE_LABELS[engine]
+    return f"accelerate {label}: {reason} under {label} (or launch with configs/accelerate/ddp.yaml)"
+
+
+def _reference_free(config: Config) -> bool:
+    from ..losses import loss_registry
+
+    registry = loss_registry()
+    return all(registry[term.name].reference_free for term in config.loss)
+
+
+def _uses_ofs(config: Config) -> bool:
+    return config.schedule == "ofs"
+
+
+REFUSALS: tuple[Refusal, ...] = (
+    Refusal("engine × schedule", "FSDP, DeepSpeed × every schedule but offline",
+            lambda c, e: _sharded(e) and c.schedule != "offline",
+            lambda c, e: _on_sharded(e, f"schedule {c.schedule} swaps, merges or extrapolates whole weights between "
+                                        "steps; only the offline schedule is supported")),
+    Refusal("engine × optimizer", "FSDP, DeepSpeed × OnDARE, OnTIES",
+            lambda c, e: _sharded(e) and c.optim.name != "adamw",
+            lambda c, e: _on_sharded(e, f"optim.name={c.optim.name} merges every update with whole task vectors; "
+                                        "use adamw")),
+    Refusal("engine × diagnostics", "FSDP, DeepSpeed × the 3D diagnostics",
+            lambda c, e: _sharded(e) and c.diag.enabled,
+            lambda c, e: _on_sharded(e, "the 3D diagnostics sample and measure with unsharded weights; set "
+                                        "diag.enabled=false")),
+    Refusal("engine × non-finite policy", "DeepSpeed × train.on_nonfinite: skip",
+            lambda c, e: e == "deepspeed" and c.train.on_nonfinite == "skip",
+            lambda c, e: "accelerate DeepSpeed: train.on_nonfinite=skip cannot skip an update that DeepSpeed applies "
+                         "inside its backward; use train.on_nonfinite=stop (or launch with another engine)"),
+    Refusal("engine × schedule", "several processes × OFS with two forwards",
+            lambda c, e: _uses_ofs(c) and e != "single" and not c.ofs.fused_forward,
+            lambda c, e: "schedule: ofs under several processes needs ofs.fused_forward=true (DDP synchronises one "
+                         "forward per backward; the routed forward runs both modules in one)"),
+    Refusal("schedule × parametrization", "OFS × any parametrization but LoRA",
+            lambda c, e: _uses_ofs(c) and c.parametrization.name != "lora",
+            lambda c, e: f"schedule: ofs trains a pair of LoRA modules; parametrization.kind is "
+                         f"{c.parametrization.name!r} (set parametrization.kind=lora)"),
+    Refusal("schedule × parametrization", "OFS × LoRA with dropout or named targets",
+            lambda c, e: _uses_ofs(c) and c.parametrization.name == "lora" and (
+                c.parametrization.params.dropout or c.parametrization.params.target_modules != ("all-linear",)),
+            lambda c, e: "schedule: ofs: the fast/slow pair takes parametrization.dropout=0 and "
+                         "target_modules=[all-linear]"),
+    Refusal("schedule × optimizer", "OFS × OnDARE, OnTIES",
+            lambda c, e: _uses_ofs(c) and c.optim.name != "adamw",
+            lambda c, e: "schedule: ofs uses AdamW (one parameter group per module); set optim.name=adamw"),
+    Refusal("schedule × gradient checkpointing", "OFS with two forwards × gradient checkpointing",
+            lambda c, e: _uses_ofs(c) and c.train.gradient_checkpointing and not c.ofs.fused_forward,
+            lambda c, e: "schedule: ofs with train.gradient_checkpointing needs ofs.fused_forward=true (the "
+                         "recomputation of two separate forwards would not know which module ran)"),
+    Refusal("schedule × objective", "OFS × reference-free objectives",
+            lambda c, e: _uses_ofs(c) and _reference_free(c),
+            lambda c, e: "schedule: ofs needs an objective with a reference (its margins are log-ratios)"),
+    Refusal("schedule × parametrization", "COFS (arm cofs) × any parametrization but LoRA",
+            lambda c, e: c.schedule == "cofs" and c.cofs.arm == "cofs" and c.parametrization.name != "lora",
+            lambda c, e: "cofs.arm=cofs combines LoRA modules; set parametrization.kind=lora"),
+)
+
+
+def refusal(config: Config, engine: str) -> Refusal | None:
+    """The first row of the table that refuses ``config`` under ``engine``, or None."""
+    return next((r for r in REFUSALS if r.applies(config, engine)), None)
+
+
+def check_compatible(config: Config, engine: str | None = None) -> None:
+    """A clear error, before any work, for a refused combination of the config and the engine (default: the
+    launched one)."""
+    from .engine import launched_engine
+
+    engine = engine or launched_engine()
+    found = refusal(config, engine)
+    if found is not None:
+        raise ConfigError(found.message(config, engine))

@@ -1,0 +1,37 @@
+"""Several processes, each with the whole model (DDP through accelerate): metrics and decisions are reduced over the
+processes, gradients synchronised at the last micro-batch of an update, every process's random state checkpointed."""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import broadcast_object_list
+
+from .single import Engine
+
+
+class DdpEngine(Engine):
+    name = "ddp"
+    label = "DDP"
+
+    def reduce(self, record: dict, weight: float = 1.0, how: str = "mean") -> dict:
+        if not record:
+            return record
+        keys = sorted(record)
+        values = torch.tensor([float(record[k]) * weight for k in keys] + [weight], dtype=torch.float64,
+                              device=self.device)
+        total = self.accelerator.reduce(values, "sum").tolist()
+        return {k: v / total[-1] if how == "mean" else v for k, v in zip(keys, total[:-1])}
+
+    def anywhere(self, flag: bool) -> bool:
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "sum") > 0)
+
+    def most(self, count: int) -> int:
+        return int(self.accelerator.gather(torch.tensor([count], device=self.device)).max())
+
+    def share(self, value):
+        return broadcast_object_list([value])[0]
+
+    def rng_state(self, own: dict) -> dict:
+        states = [None] * self.world
+        torch.distributed.all_gather_object(states, own)  # their dropout masks differ with their batches
+        return {"processes": states}

@@ -1,0 +1,106 @@
+"""DeepSpeed ZeRO-2/3: accumulation, clipping and the update run inside DeepSpeed's engine, at the boundary that
+preflab's own micro-batch loop sets; its partitioned optimizer state is DeepSpeed's own files in the checkpoint
+(``deepspeed/``, every process its partition), resumable under DeepSpeed with as many processes. ZeRO-3 also shards
+the weights (its forwards are collectives, whole tensors are gathered from the partitions)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ...config import ConfigError
+from .ddp import DdpEngine
+from .fsdp import ShardedEngine
+
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed engine files
+
+
+def _partitions(path: Path) -> int:
+    return len(list((Path(path) / DEEPSPEED_DIR).glob("state/*optim_states.pt")))
+
+
+def check_not_deepspeed(path: Path) -> None:
+    """A checkpoint written under DeepSpeed does not resume under another engine (its optimizer state is DeepSpeed's,
+    partitioned over its processes)."""
+    parts = _partitions(path)
+    if parts:
+        raise ConfigError(f"resume: {path} was written under DeepSpeed (its optimizer state is DeepSpeed's, "
+                          f"partitioned over {parts} processes); resume it under DeepSpeed with {parts} processes")
+
+
+class DeepSpeedEngine(DdpEngine):
+    name = "deepspeed"
+
+    def __init__(self, accelerator, zero_stage: int):
+        super().__init__(accelerator)
+        self.zero_stage = zero_stage
+
+    @property
+    def label(self) -> str:
+        return f"DeepSpeed ZeRO-{self.zero_stage}"
+
+    @property
+    def banner(self) -> str:
+        return f"deepspeed ZeRO-{self.zero_stage}"
+
+    def configure(self, batch_size: int, grad_accum: int, max_grad_norm: float | None) -> None:
+        """DeepSpeed's batch, accumulation and clipping from ``train.*`` (the config file's values are replaced)."""
+        self.accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=grad_accum,
+            train_batch_size=batch_size * grad_accum * self.world, gradient_clipping=max_grad_norm or 0.0)
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        # the boundary from preflab's micro-batch loop, the loss already scaled for the accumulation; the engine
+        # clips (train.max_grad_norm) and updates at the boundary
+        self.model.set_gradient_accumulation_boundary(sync)
+        self.model.backward(loss, scale_wrt_gas=False)
+        self.model.step()
+
+    def clip(self, groups: list[list[torch.nn.Parameter]], max_norm: float) -> list[float]:
+        return [float(self.model.get_global_grad_norm())]  # clipped by the engine in the last backward
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """(the engine updated in the last backward)"""
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, keep: bool) -> dict | None:
+        return None
+
+    def write_own_files(self, directory_of_main: Path | None) -> None:
+        directory = self.share(directory_of_main)  # every process writes its partition into the main's directory
+        self.model.save_checkpoint(str(directory / DEEPSPEED_DIR), tag="state", save_latest=False,
+                                   exclude_frozen_parameters=True)
+        self.barrier()
+
+    def check_resumable(self, path: Path) -> None:
+        parts = _partitions(path)
+        if parts != self.world:
+            written = f"under DeepSpeed with {parts} processes" if parts else "without DeepSpeed"
+            raise ConfigError(f"resume: {path} was written {written}; under DeepSpeed resume it with that engine and "
+                              "number of processes (or start a new output_dir)")
+
+    def restore(self, checkpoint: dict, path: Path, policy, optimizer: torch.optim.Optimizer) -> None:
+        # DeepSpeed's files: the trained weights and this process's optimizer partition
+        self.model.load_checkpoint(str(Path(path) / DEEPSPEED_DIR), tag="state", load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+
+
+class Zero3Engine(DeepSpeedEngine, ShardedEngine):
+    """ZeRO-3: DeepSpeed's update and files, sharded weights."""
+
+    @contextmanager
+    def plain_models(self):
+        """With a ZeRO-3 config registered transformers would partition a model while loading it and sync generation
+        over the processes: collectives every process must join (the main process's unsharded copy would hang), and
+        a partitioned model gives no reference copy. preflab loads models whole; the engine partitions the policy
+        when it is built."""
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if registered is not None and registered() is not None:
+                hf_deepspeed.set_hf_deepspeed_config(registered())
