@@ -24,180 +24,17 @@ from typing import Any
 
 import yaml
 
+from .data.settings import DataConfig, DomainConfig
+from .eval.settings import DiagConfig, GenerationEvalConfig
+from .models.settings import ModelConfig, ScorerConfig
+from .train.settings import TrainConfig
+
+__all__ = ["Component", "Config", "ConfigError", "DataConfig", "DiagConfig", "DomainConfig", "GenerationEvalConfig",
+           "ModelConfig", "ScorerConfig", "TrainConfig", "config_changes", "dump_config", "load_config", "resolve"]
+
 
 class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the key."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "smollm2-135m-instruct"  # built-in name, local dir, .gguf file, run dir or hub id
-    dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16", "float16")})
-    attn_implementation: str = field(default="sdpa", metadata={"choices": ("sdpa", "eager", "flash_attention_2")})
-
-
-@dataclass(frozen=True)
-class DomainConfig:
-    """One domain of a multi-domain schedule (``data.domains``): its own training and held-out pairs, and the task
-    whose gold reward scores it. A plain string ``NAME`` means ``builtin:NAME`` for both splits and task ``NAME``."""
-
-    name: str
-    train: str
-    eval: str | None = None
-    train_split: str = "train"
-    eval_split: str = "eval"
-    task: str | None = None  # generation eval of the domain (gold reward); null: held-out preference accuracy only
-
-    @classmethod
-    def from_str(cls, text: str) -> DomainConfig:
-        from .tasks import task_names
-
-        return cls(text, f"builtin:{text}", f"builtin:{text}", task=text if text in task_names() else None)
-
-    def __post_init__(self) -> None:
-        from .tasks import task_names
-
-        if self.task is not None and self.task not in task_names():
-            raise ValueError(f"task: unknown task {self.task!r}; expected one of {task_names()}")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train: str = "builtin:sentiment"  # builtin:NAME, a .jsonl/.json/.csv/.parquet file, a dataset dir, a hub name
-    eval: str | None = "builtin:sentiment"  # held-out pairs; null for none
-    train_split: str = "train"  # for builtin sets, dataset dirs and hub datasets
-    eval_split: str = "eval"
-    max_length: int = 512  # prompt + response tokens
-    max_prompt_length: int | None = 256
-    prompt_truncation: str = field(default="left", metadata={"choices": ("left", "right")})  # left keeps the end
-    on_error: str = field(default="strict", metadata={"choices": ("strict", "skip")})
-    max_train_pairs: int | None = None  # first N rows only (after validation)
-    max_eval_pairs: int | None = None
-    domains: tuple[DomainConfig, ...] = ()  # ordered domains of schedule: cofs (train/eval above are then unused)
-
-    def __post_init__(self) -> None:
-        names = [d.name for d in self.domains]
-        if len(set(names)) != len(names):
-            raise ValueError(f"domains: names must differ, got {names}")
-        if self.max_length < 2:
-            raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
-        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError(f"max_prompt_length: must be in [1, max_length={self.max_length}), got "
-                             f"{self.max_prompt_length}")
-
-
-@dataclass(frozen=True)
-class ScorerConfig:
-    chunk_size: int = 256  # response tokens per slice of the vocabulary projection; 0: full logits (slow path)
-    # padded: a row per response; shared: a row per pair, the prompt once (prefix sharing); packed: several
-    # pairs per row up to pack_tokens (see preflab.data.collate)
-    layout: str = field(default="shared", metadata={"choices": ("padded", "shared", "packed")})
-    pack_tokens: int = 4096
-    # reference log-probs cached per pair and reference model: lazy (filled as pairs are first seen), precompute
-    # (all training pairs before the first step), none (a reference forward every step)
-    reference_cache: str = field(default="lazy", metadata={"choices": ("lazy", "precompute", "none")})
-    reference_cache_dir: str | None = None  # default: $PREFLAB_REFERENCE_CACHE or $PREFLAB_CACHE/reference
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 0:
-            raise ValueError(f"chunk_size: must be >= 0, got {self.chunk_size}")
-        if self.pack_tokens < 2:
-            raise ValueError(f"pack_tokens: must be >= 2, got {self.pack_tokens}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 8  # pairs per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    epochs: float = 1.0
-    warmup_ratio: float = 0.1
-    lr_scheduler: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant",
-                                                                      "constant_with_warmup")})
-    max_grad_norm: float | None = 1.0  # null: no clipping
-    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16")})
-    gradient_checkpointing: bool = False
-    logging_steps: int = 1
-    eval_steps: int | None = None  # null: evaluate before training and at the end only
-    eval_batch_size: int = 16
-    save_steps: int | None = None  # null: a checkpoint at the end only
-    save_total_limit: int | None = 2  # keep the last N checkpoints; null keeps all
-    report_to: tuple[str, ...] = ()  # accelerate trackers, e.g. [tensorboard]
-    progress: bool = True
-    # a non-finite loss or gradient: stop (error naming step and rows) or skip the update (counted, logged);
-    # skip gives up after max_nonfinite_skips skipped steps. A checkpoint never holds a non-finite weight.
-    on_nonfinite: str = field(default="stop", metadata={"choices": ("stop", "skip")})
-    max_nonfinite_skips: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "logging_steps", "eval_batch_size", "max_nonfinite_skips"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1 or null, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError(f"epochs: must be > 0, got {self.epochs}")
-
-
-@dataclass(frozen=True)
-class GenerationEvalConfig:
-    task: str | None = None  # a task name (sentiment, concision, format, capitals); null: no generation eval
-    num_prompts: int = 100  # first N held-out prompts of the task
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    greedy: bool = False
-    seed: int = 0
-    batch_size: int = 32
-    bootstrap: int = 1000  # resamples for the 95% interval
-
-    def __post_init__(self) -> None:
-        for name in ("num_prompts", "max_new_tokens", "batch_size", "bootstrap"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.task is not None:
-            from .tasks import task_names
-
-            if self.task not in task_names():
-                raise ValueError(f"task: unknown task {self.task!r}; expected one of {task_names()}")
-
-
-@dataclass(frozen=True)
-class DiagConfig:
-    """3D-properties diagnostics on fixed sets (see preflab.eval.diagnostics); sized for a GPU by default."""
-
-    enabled: bool = True
-    probe_every: int | None = None  # steps between probes; null: every logging step
-    seen_pairs: int = 128  # fixed, seeded subset of training pairs
-    probe_kind: str = field(default="reference_samples",
-                            metadata={"choices": ("reference_samples", "cross_prompt", "none")})
-    probe_prompts: int = 64  # held-out prompts the reference samples probe responses for
-    probe_samples: int = 2
-    probe_max_new_tokens: int = 256
-    probe_temperature: float = 1.0
-    window: int = 3  # probes the P1/P2 flags look back over
-    # hyperspherical energy of the effective weights (preflab.eval.energy), any parametrization
-    he_every: int | None = None  # steps between measurements; null: with every 3D probe; 0: off
-    he_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    he_chunk: int = 1024  # rows per block of the pairwise distances
-
-    def __post_init__(self) -> None:
-        if self.he_every is not None and self.he_every < 0:
-            raise ValueError(f"he_every: must be >= 0 or null, got {self.he_every}")
-        for name in ("seen_pairs", "he_chunk", "probe_prompts", "probe_samples", "probe_max_new_tokens", "window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.probe_every is not None and self.probe_every < 1:
-            raise ValueError(f"probe_every: must be >= 1 or null, got {self.probe_every}")
 
 
 @dataclass(frozen=True)
@@ -213,119 +50,14 @@ class Component:
 
 
 @dataclass(frozen=True)
-class OfsConfig:
-    """Fast-slow chasing (``schedule: ofs``, preflab.train.ofs): two LoRA modules on one base, the leader widening
-    its lead and the chaser closing the gap. The spec is ../methods/ofs-cofs.md (Qi et al., arXiv 2406.05534)."""
-
-    alpha: float = 0.1  # weight of the chasing term
-    slow_lr_ratio: float = 0.1  # slow module's lr = train.lr × this
-    swap_interval: int = 50  # K: optimizer steps per window; the lower mean DPO loss leads
-    beta: float | None = None  # β of the chasing term's margins; null: the objective's own (its reward margins)
-    # leader | fast | slow at the end; best_val_fast: the fast module at its lowest held-out loss among the
-    # evaluations after step 0 (every train.eval_steps and the last step)
-    export: str = field(default="leader", metadata={"choices": ("leader", "fast", "slow", "best_val_fast")})
-    init_same: bool = True  # both modules start from the same A (and B = 0)
-    chase_stopgrad: bool = True  # false: no stop-gradients (the two terms then cancel exactly)
-    gap_clamp: float | None = None  # bound on |h_F − h_S| inside the chasing term
-    clip_scope: str = field(default="per_module", metadata={"choices": ("per_module", "joint")})
-    # one routed forward on the duplicated batch, or one forward per module (faster on CPU: see bench_ofs_step)
-    fused_forward: bool = False
-
-    def __post_init__(self) -> None:
-        if self.alpha < 0 or self.slow_lr_ratio <= 0 or self.swap_interval < 1:
-            raise ValueError(f"alpha >= 0, slow_lr_ratio > 0 and swap_interval >= 1 needed, got {self.alpha}, "
-                             f"{self.slow_lr_ratio}, {self.swap_interval}")
-        if self.gap_clamp is not None and self.gap_clamp <= 0:
-            raise ValueError(f"gap_clamp: must be > 0 or null, got {self.gap_clamp}")
-
-
-@dataclass(frozen=True)
-class CofsConfig:
-    """Continual alignment over ``data.domains`` (``schedule: cofs``, preflab.train.cofs). ``arm`` picks COFS-DPO or
-    one of its baselines, so that a comparison is one config change. The spec is ../methods/ofs-cofs.md §2."""
-
-    # cofs: OFS per domain, the domains' best fast modules combined; sequential_ofs / sequential_dpo: each domain
-    # continues from the previous one's model; joint_dpo: DPO on all domains at once (upper bound)
-    arm: str = field(default="cofs", metadata={"choices": ("cofs", "sequential_ofs", "sequential_dpo", "joint_dpo")})
-    select: str = field(default="best_val_fast", metadata={"choices": ("best_val_fast", "final_leader", "final_fast")})
-    buffer_size: int = 128  # replay pairs kept per domain (uniform sample, seeded)
-    replay_in_training: bool = False  # true: a domain also trains on the earlier domains' buffers
-    init: str = field(default="from_combined", metadata={"choices": ("from_combined", "fresh")})
-    select_metric: str = field(default="dpo_loss", metadata={"choices": ("dpo_loss", "pref_acc")})
-    grid_max_domains: int = 3  # up to this many modules: simplex grid; more: projected gradient descent
-    grid_step: float = 0.1
-    pgd_steps: int = 50
-    pgd_lr: float = 0.05
-    pgd_optimizer: str = field(default="adam", metadata={"choices": ("adam", "sgd")})  # sgd: plain projected GD
-
-    def __post_init__(self) -> None:
-        if self.buffer_size < 1 or self.grid_max_domains < 1 or self.pgd_steps < 1 or self.pgd_lr <= 0:
-            raise ValueError("buffer_size, grid_max_domains, pgd_steps: must be >= 1 and pgd_lr > 0")
-        n = round(1 / self.grid_step) if self.grid_step > 0 else 0
-        if n < 1 or abs(n * self.grid_step - 1) > 1e-9:
-            raise ValueError(f"grid_step: must divide 1 (0.1, 0.25, 0.5, ...), got {self.grid_step}")
-
-
-@dataclass(frozen=True)
-class ApoConfig:
-    """The iterative schedule (``schedule: apo``, preflab.train.apo): sample → score → pair → train → extrapolate.
-
-    ``alpha: 0`` is plain iterative DPO. The spec is ../methods/apo.md (He et al., arXiv 2410.06293)."""
-
-    iterations: int = 3  # T+1 DPO iterations
-    alpha: float = 0.3  # Nesterov extrapolation θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t); 0: iterative DPO
-    task: str = "sentiment"  # the prompts sampled each iteration (its train split)
-    reward: str | None = None  # judge of the samples: a reward name or rm:PATH; null: the task's gold reward
-    prompts_per_iteration: int = 64
-    prompt_schedule: str = field(default="disjoint", metadata={"choices": ("disjoint", "reuse")})
-    k: int = 5  # samples per prompt; the best and the worst make the pair
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-    batch_prompts: int = 16  # prompts per generate call
-    min_score_gap: float = 0.0  # drop a prompt when best − worst <= this
-    beta: float | tuple[float, ...] | None = None  # per-iteration β (one value or one per iteration); null: the loss's
-    epochs_per_iteration: float = 1.0  # inner training (train.max_steps, when set, wins)
-    return_extrapolated: bool = False  # also extrapolate after the last iteration and return that
-    eval_extrapolated: bool = False  # also run the generation eval on θ_{t+1} (the paper evaluates both)
-    # merged: fold θ_t into dense weights each iteration, fresh adapter on top (exact in fp32; needs an
-    # unquantized base). The spec's rank-stacking `stacked` realisation is not implemented.
-    lora_extrapolation: str = field(default="merged", metadata={"choices": ("merged",)})
-
-    def __post_init__(self) -> None:
-        for name in ("iterations", "prompts_per_iteration", "k", "max_new_tokens", "batch_prompts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.k < 2:
-            raise ValueError(f"k: must be >= 2 (a pair needs two samples), got {self.k}")
-        if not 0 <= self.alpha < 1:
-            raise ValueError(f"alpha: must be in [0, 1), got {self.alpha}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature/top_p: need temperature > 0 and top_p in (0, 1], got {self.temperature}, "
-                             f"{self.top_p}")
-        if self.epochs_per_iteration <= 0:
-            raise ValueError(f"epochs_per_iteration: must be > 0, got {self.epochs_per_iteration}")
-        betas = self.beta if isinstance(self.beta, tuple) else ()
-        if isinstance(self.beta, tuple) and len(betas) != self.iterations:
-            raise ValueError(f"beta: expected one value or {self.iterations} (one per iteration), got {len(betas)}")
-        if any(b <= 0 for b in betas) or (isinstance(self.beta, float) and self.beta <= 0):
-            raise ValueError(f"beta: must be > 0, got {self.beta}")
-        from .tasks import task_names
-
-        if self.task not in task_names():
-            raise ValueError(f"task: unknown task {self.task!r}; expected one of {task_names()}")
-
-    def beta_at(self, iteration: int) -> float | None:
-        """β of iteration ``iteration`` (0-based); None: keep the objective's."""
-        return self.beta[iteration] if isinstance(self.beta, tuple) else self.beta
-
-
-@dataclass(frozen=True)
 class Config:
+    """A run: its top-level keys, the core sections, the components chosen by name (parametrization, loss, optim) and
+    the settings of every registered schedule (``config.ofs``, ``config.apo``: a section named after its schedule)."""
+
     output_dir: str = "runs/dpo"
     seed: int = 0
     resume: str = "auto"  # auto: continue from the run directory's last checkpoint; never; or a checkpoint path
-    schedule: str = field(default="offline", metadata={"choices": ("offline", "apo", "ofs", "cofs")})  # the outer loop
+    schedule: str = "offline"  # the outer loop: a registered schedule (preflab.train.schedules)
     model: ModelConfig = field(default_factory=ModelConfig)
     parametrization: Component = field(default=None)  # type: ignore[assignment]
     loss: tuple[Component, ...] = ()
@@ -335,12 +67,28 @@ class Config:
     eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # generation-based evaluation
     diag: DiagConfig = field(default_factory=DiagConfig)  # 3D-properties diagnostics
     optim: Component = field(default=None)  # type: ignore[assignment]  # optim.name: the optimizer and its settings
-    apo: ApoConfig = field(default_factory=ApoConfig)  # schedule: apo
-    ofs: OfsConfig = field(default_factory=OfsConfig)  # schedule: ofs (and cofs's OFS arms)
-    cofs: CofsConfig = field(default_factory=CofsConfig)  # schedule: cofs
+    sections: dict = field(default_factory=dict, compare=False)  # schedule name -> its settings (every schedule)
+    used_sections: tuple[str, ...] = ()  # the sections this run's schedule reads (what to_dict writes)
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or schedule section {name!r}")
+
+    def with_section(self, name: str, settings) -> Config:
+        """A copy whose section ``name`` (a schedule's settings) is ``settings``."""
+        return dataclasses.replace(self, sections={**self.sections, name: settings})
+
+    def with_schedule(self, name: str) -> Config:
+        """A copy run under schedule ``name`` (sections kept; the ones it reads are the ones written)."""
+        return dataclasses.replace(self, schedule=name, used_sections=_used_sections(name, self.sections))
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        out = {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in ("sections", "used_sections")}
+        out.update({name: _to_plain(self.sections[name]) for name in self.used_sections})
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,6 +230,18 @@ def _build(cls: type, raw: dict, path: str) -> Any:
         raise ConfigError(f"{path}.{e}" if path else str(e)) from None
 
 
+def _schedules() -> dict:
+    from .train.schedules import schedule_registry
+
+    return schedule_registry()
+
+
+def _used_sections(schedule: str, sections: dict) -> tuple[str, ...]:
+    spec = _schedules()[schedule]
+    own = (schedule,) if dataclasses.fields(spec.settings) else ()
+    return own + tuple(spec.uses(sections))
+
+
 def resolve(raw: dict) -> Config:
     """A typed :class:`Config` from a plain tree (YAML + overrides)."""
     if not isinstance(raw, dict):
@@ -498,8 +258,28 @@ def resolve(raw: dict) -> Config:
             components[section] = tuple(_resolve_component(t, path(i), key, registry) for i, t in enumerate(terms))
         else:
             components[section] = _resolve_component(value, section, key, registry)
+    schedules = _schedules()
+    schedule = raw.get("schedule", "offline")
+    if not isinstance(schedule, str) or schedule not in schedules:
+        raise ConfigError(f"schedule: expected one of {sorted(schedules)}, got {_show(schedule)}"
+                          + _suggest(str(schedule), schedules))
+    given = {name: raw.pop(name) for name in schedules if name in raw}
+    sections = {}
+    for name, spec in schedules.items():
+        value = given.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {_show(value)}")
+        sections[name] = _build(spec.settings, value or {}, name)
+    used = _used_sections(schedule, sections)
+    unused = [name for name in given if name not in used and given[name]]
+    if unused:
+        raise ConfigError(f"{unused[0]}: settings of schedule {unused[0]}, which schedule {schedule} does not read; "
+                          f"remove them or set schedule={unused[0]}")
+    for internal in ("sections", "used_sections"):  # fields of the typed tree, not keys of a config file
+        if internal in raw:
+            raise ConfigError(f"{internal}: unknown key; a schedule's settings are a section named after it")
     config = _build(Config, raw, "")
-    return dataclasses.replace(config, **components)
+    return dataclasses.replace(config, sections=sections, used_sections=used, **components)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,22 +2,34 @@
 
 Offline-like schedules (``offline``, ``ofs``) are a :class:`~preflab.train.program.StepProgram` that the training loop
 (:class:`~preflab.train.loop.TrainingRun`) runs; outer schedules (``apo``, ``cofs``) drive such runs. Each registers
-itself (:mod:`preflab.train.schedules`); what is refused is one table (:mod:`preflab.train.compat`).
+itself (:mod:`preflab.train.schedules`); what is refused is one table (:mod:`preflab.train.compat`). Importing this
+package imports nothing heavy (the config's sections import :mod:`preflab.train.settings`): the names below load
+on first use.
 """
 
 from __future__ import annotations
 
-from . import apo, cofs, offline, ofs  # noqa: F401  (each module registers its schedule)
-from .compat import check_compatible
-from .loop import TrainingRun
-from .outputs import RunResult, TrainingError
-from .schedules import schedule_registry
-
 __all__ = ["RunResult", "TrainingError", "TrainingRun", "train"]
 
 
-def train(config) -> RunResult:
-    """Runs ``config`` under its schedule (refused combinations stop before any work)."""
+def train(config):
+    """Runs ``config`` under its schedule (refused combinations stop before any work); its :class:`RunResult`."""
+    from .compat import check_compatible
+    from .loop import TrainingRun
+    from .schedules import schedule_registry
+
     check_compatible(config)
     spec = schedule_registry()[config.schedule]
     return (TrainingRun(config) if spec.program is not None else spec.driver(config)).run()
+
+
+def __getattr__(name: str):
+    if name == "TrainingRun":
+        from .loop import TrainingRun
+
+        return TrainingRun
+    if name in ("RunResult", "TrainingError"):
+        from . import outputs
+
+        return getattr(outputs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,12 +35,13 @@ import logging
 import random
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
-from ..config import CofsConfig, Config, ConfigError, DomainConfig
+from ..config import Config, ConfigError, DomainConfig
 from ..data.collate import collate_pairs
 from ..data.dataset import load_pairs
 from ..data.sources import read_rows
@@ -59,6 +60,33 @@ from .outputs import RunResult, copy_dir_atomically, record_config, save_model_a
 from .schedules import register_schedule
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CofsSettings:
+    """Continual alignment over ``data.domains`` (``schedule: cofs``, preflab.train.cofs). ``arm`` picks COFS-DPO or
+    one of its baselines, so that a comparison is one config change. The spec is ../methods/ofs-cofs.md §2."""
+
+    # cofs: OFS per domain, the domains' best fast modules combined; sequential_ofs / sequential_dpo: each domain
+    # continues from the previous one's model; joint_dpo: DPO on all domains at once (upper bound)
+    arm: str = field(default="cofs", metadata={"choices": ("cofs", "sequential_ofs", "sequential_dpo", "joint_dpo")})
+    select: str = field(default="best_val_fast", metadata={"choices": ("best_val_fast", "final_leader", "final_fast")})
+    buffer_size: int = 128  # replay pairs kept per domain (uniform sample, seeded)
+    replay_in_training: bool = False  # true: a domain also trains on the earlier domains' buffers
+    init: str = field(default="from_combined", metadata={"choices": ("from_combined", "fresh")})
+    select_metric: str = field(default="dpo_loss", metadata={"choices": ("dpo_loss", "pref_acc")})
+    grid_max_domains: int = 3  # up to this many modules: simplex grid; more: projected gradient descent
+    grid_step: float = 0.1
+    pgd_steps: int = 50
+    pgd_lr: float = 0.05
+    pgd_optimizer: str = field(default="adam", metadata={"choices": ("adam", "sgd")})  # sgd: plain projected GD
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1 or self.grid_max_domains < 1 or self.pgd_steps < 1 or self.pgd_lr <= 0:
+            raise ValueError("buffer_size, grid_max_domains, pgd_steps: must be >= 1 and pgd_lr > 0")
+        n = round(1 / self.grid_step) if self.grid_step > 0 else 0
+        if n < 1 or abs(n * self.grid_step - 1) > 1e-9:
+            raise ValueError(f"grid_step: must divide 1 (0.1, 0.25, 0.5, ...), got {self.grid_step}")
 
 SELECT_EXPORT = {"best_val_fast": "best_val_fast", "final_leader": "leader", "final_fast": "fast"}
 
@@ -188,8 +216,8 @@ class DomainsRun:
             ofs = dataclasses.replace(ofs, export=SELECT_EXPORT[self.cc.select])
         schedule = "ofs" if arm in ("cofs", "sequential_ofs") else "offline"
         return dataclasses.replace(
-            c, schedule=schedule, resume="auto", output_dir=str(out / "train"), data=data, train=tc, ofs=ofs,
-            model=dataclasses.replace(c.model, name=self.start_model(d)),
+            c.with_section("ofs", ofs).with_schedule(schedule), resume="auto", output_dir=str(out / "train"),
+            data=data, train=tc, model=dataclasses.replace(c.model, name=self.start_model(d)),
             eval=dataclasses.replace(c.eval, task=None))  # the driver scores every domain against θ₀
 
     # -- COFS: choosing and applying the combination ------------------------------------------------------
@@ -381,4 +409,4 @@ def format_matrix(summary: dict) -> str:
     return "\n".join(lines)
 
 
-register_schedule("cofs", CofsConfig, driver=DomainsRun)
+register_schedule("cofs", CofsSettings, driver=DomainsRun, uses=lambda sections: ("ofs",))

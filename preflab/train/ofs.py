@@ -21,12 +21,13 @@ import math
 import os
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..config import ConfigError, OfsConfig
+from ..config import ConfigError
 from ..losses import PairLogps
 from ..ofs.chasing import RoleState, chasing_term
 from ..ofs.pair import MODULES, FastSlowPair, duplicate_rows
@@ -35,6 +36,33 @@ from .program import StepProgram, StepResult
 from .schedules import register_schedule
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OfsSettings:
+    """Fast-slow chasing (``schedule: ofs``, preflab.train.ofs): two LoRA modules on one base, the leader widening
+    its lead and the chaser closing the gap. The spec is ../methods/ofs-cofs.md (Qi et al., arXiv 2406.05534)."""
+
+    alpha: float = 0.1  # weight of the chasing term
+    slow_lr_ratio: float = 0.1  # slow module's lr = train.lr × this
+    swap_interval: int = 50  # K: optimizer steps per window; the lower mean DPO loss leads
+    beta: float | None = None  # β of the chasing term's margins; null: the objective's own (its reward margins)
+    # leader | fast | slow at the end; best_val_fast: the fast module at its lowest held-out loss among the
+    # evaluations after step 0 (every train.eval_steps and the last step)
+    export: str = field(default="leader", metadata={"choices": ("leader", "fast", "slow", "best_val_fast")})
+    init_same: bool = True  # both modules start from the same A (and B = 0)
+    chase_stopgrad: bool = True  # false: no stop-gradients (the two terms then cancel exactly)
+    gap_clamp: float | None = None  # bound on |h_F − h_S| inside the chasing term
+    clip_scope: str = field(default="per_module", metadata={"choices": ("per_module", "joint")})
+    # one routed forward on the duplicated batch, or one forward per module (faster on CPU: see bench_ofs_step)
+    fused_forward: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.slow_lr_ratio <= 0 or self.swap_interval < 1:
+            raise ValueError(f"alpha >= 0, slow_lr_ratio > 0 and swap_interval >= 1 needed, got {self.alpha}, "
+                             f"{self.slow_lr_ratio}, {self.swap_interval}")
+        if self.gap_clamp is not None and self.gap_clamp <= 0:
+            raise ValueError(f"gap_clamp: must be > 0 or null, got {self.gap_clamp}")
 
 
 class OfsProgram(StepProgram):
@@ -185,4 +213,4 @@ class OfsProgram(StepProgram):
             run.param.rest_on(export)
 
 
-register_schedule("ofs", OfsConfig, program=OfsProgram)
+register_schedule("ofs", OfsSettings, program=OfsProgram)

@@ -12,24 +12,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+def _reads_nothing(sections: dict) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     name: str
-    settings: type  # its settings dataclass
+    settings: type  # its settings dataclass: the config section named after the schedule
     program: type | None = None  # offline-like: the StepProgram the loop runs
     driver: Callable | None = None  # outer: Config -> an object whose run() drives inner runs
+    uses: Callable[[dict], tuple[str, ...]] = _reads_nothing  # other schedules' sections it reads (by settings)
 
 
 _REGISTRY: dict[str, ScheduleSpec] = {}
+_MODULES = ("offline", "ofs", "apo", "cofs")  # the modules that register the built-in schedules
 
 
-def register_schedule(name: str, settings: type, program: type | None = None, driver: Callable | None = None) -> None:
+def register_schedule(name: str, settings: type, program: type | None = None, driver: Callable | None = None,
+                      uses: Callable[[dict], tuple[str, ...]] = _reads_nothing) -> None:
     if name in _REGISTRY:
         raise ValueError(f"schedule {name!r} registered twice")
     if (program is None) == (driver is None):
         raise ValueError(f"schedule {name!r}: give either a step program or a driver")
-    _REGISTRY[name] = ScheduleSpec(name, settings, program, driver)
+    _REGISTRY[name] = ScheduleSpec(name, settings, program, driver, uses)
 
 
 def schedule_registry() -> dict[str, ScheduleSpec]:
+    """Every registered schedule (the built-in ones imported on first use)."""
+    import importlib
+
+    for module in _MODULES:
+        importlib.import_module(f"{__package__}.{module}")
     return dict(_REGISTRY)
