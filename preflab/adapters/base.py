@@ -23,6 +23,13 @@ class Parametrization(ABC):
         """Move everything the parametrization owns (policy and any reference copy) to a device."""
         self.model.to(device)
 
+    def policy_module(self) -> nn.Module:
+        """The module whose forward is the policy (what weight diagnostics read); ``model`` but for pairs."""
+        return self.model
+
+    def share_reference(self, other: Parametrization) -> None:  # noqa: B027  (most kinds hold no copy)
+        """Use ``other``'s reference where this one holds a copy of its own (two of one kind on one model)."""
+
     @abstractmethod
     def reference(self) -> AbstractContextManager[nn.Module]:
         """Context yielding the module whose forward is the reference policy (run it under no_grad)."""
@@ -72,15 +79,18 @@ class ParametrizationSpec:
     kind: str
     params: type  # frozen dataclass of the kind's options
     build: Callable[[nn.Module, object], Parametrization]
+    # a fast/slow pair of its own for OFS-DPO (model, params, init_same); None: two of it (preflab.ofs.module_pair)
+    pair: Callable[[nn.Module, object, bool], Parametrization] | None = None
 
 
 _REGISTRY: dict[str, ParametrizationSpec] = {}
 
 
-def register_parametrization(kind: str, params: type, build: Callable[[nn.Module, object], Parametrization]) -> None:
+def register_parametrization(kind: str, params: type, build: Callable[[nn.Module, object], Parametrization],
+                             pair: Callable[[nn.Module, object, bool], Parametrization] | None = None) -> None:
     if kind in _REGISTRY:
         raise ValueError(f"parametrization {kind!r} registered twice")
-    _REGISTRY[kind] = ParametrizationSpec(kind, params, build)
+    _REGISTRY[kind] = ParametrizationSpec(kind, params, build, pair)
 
 
 def parametrization_registry() -> dict[str, ParametrizationSpec]:

@@ -30,6 +30,9 @@ class FullFineTune(Parametrization):
     def reference(self):
         yield self.reference_model
 
+    def share_reference(self, other) -> None:
+        self.reference_model = other.reference_model  # one frozen copy serves both
+
     def merged_model(self) -> nn.Module:
         return self.model
 

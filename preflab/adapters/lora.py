@@ -60,5 +60,12 @@ class PeftAdapter(Parametrization):
         self.model.save_pretrained(out_dir)
 
 
-register_parametrization("lora", LoraParams, lambda model, p: PeftAdapter(model, p, use_dora=False))
+def _lora_pair(model: nn.Module, p: LoraParams, init_same: bool) -> Parametrization:
+    """Two LoRA modules on one network, both in one routed forward (preflab.ofs.pair)."""
+    from ..ofs.pair import FastSlowPair
+
+    return FastSlowPair(model, p.r, p.alpha, init_same, p.dropout, p.target_modules)
+
+
+register_parametrization("lora", LoraParams, lambda model, p: PeftAdapter(model, p, use_dora=False), pair=_lora_pair)
 register_parametrization("dora", LoraParams, lambda model, p: PeftAdapter(model, p, use_dora=True))

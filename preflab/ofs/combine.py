@@ -167,13 +167,13 @@ def save_concat_adapter(modules: list[dict[str, LoraAtom]], coeffs: list[float],
 
 
 def write_peft_lora(tensors: dict[str, Tensor], r: int, alpha: float, layers: list[str], base_name: str | None,
-                    out_dir: str | Path) -> None:
+                    out_dir: str | Path, dropout: float = 0.0) -> None:
     """A PEFT LoRA adapter directory (``adapter_model.safetensors`` under PEFT's names, ``adapter_config.json``)
     that plain ``peft`` loads onto the base model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu() for k, v in tensors.items()}, out_dir / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
               "base_model_name_or_path": base_name, "inference_mode": True}

@@ -54,9 +54,11 @@ class Route:
 
 
 class TwoLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, route: Route, init_same: bool = True):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, route: Route, init_same: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         self.base, self.route, self.scale = base, route, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()  # on the input of A, as PEFT's LoRA
         a = torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default LoRA init
         second = a.clone()
@@ -67,7 +69,7 @@ class TwoLoraLinear(nn.Module):
         self.lora_B = nn.ParameterDict({"fast": nn.Parameter(zeros.clone()), "slow": nn.Parameter(zeros.clone())})
 
     def delta(self, module: str, x: Tensor) -> Tensor:
-        return (x @ self.lora_A[module].T) @ self.lora_B[module].T * self.scale
+        return (self.dropout(x) @ self.lora_A[module].T) @ self.lora_B[module].T * self.scale
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
@@ -80,23 +82,29 @@ class TwoLoraLinear(nn.Module):
         # and a single add, instead of per-half products joined by a copy (cat) of the full-width output
         a = torch.cat([self.lora_A["fast"], self.lora_A["slow"]], dim=0)  # (2r, in)
         b = torch.cat([self.lora_B["fast"], self.lora_B["slow"]], dim=1)  # (out, 2r)
-        return y + ((x @ a.T) * self.route.row_mask(x, a.shape[0] // 2)) @ b.T * self.scale
+        return y + ((self.dropout(x) @ a.T) * self.route.row_mask(x, a.shape[0] // 2)) @ b.T * self.scale
 
 
-def _targets(model: nn.Module) -> list[str]:
+def _targets(model: nn.Module, names: tuple[str, ...] = ("all-linear",)) -> list[str]:
+    """Every Linear but the head (``all-linear``), or those whose last name is in ``names``."""
     head = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+             and (names == ("all-linear",) or n.rsplit(".", 1)[-1] in names)]
+    if not found:
+        raise ValueError(f"target_modules: no nn.Linear named {list(names)} in {type(model).__name__}")
+    return found
 
 
 class FastSlowLora:
     """A causal LM whose every Linear but the head carries the two modules; ``model`` runs what ``route`` says."""
 
-    def __init__(self, model: nn.Module, r: int = 16, alpha: float = 32.0, init_same: bool = True):
-        self.model, self.r, self.alpha = model.requires_grad_(False), r, alpha
+    def __init__(self, model: nn.Module, r: int = 16, alpha: float = 32.0, init_same: bool = True,
+                 dropout: float = 0.0, target_modules: tuple[str, ...] = ("all-linear",)):
+        self.model, self.r, self.alpha, self.dropout = model.requires_grad_(False), r, alpha, dropout
         self.route = Route()
         self.layers: dict[str, TwoLoraLinear] = {}
-        for name in _targets(model):
-            layer = TwoLoraLinear(model.get_submodule(name), r, alpha, self.route, init_same)
+        for name in _targets(model, target_modules):
+            layer = TwoLoraLinear(model.get_submodule(name), r, alpha, self.route, init_same, dropout)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             self.layers[name] = layer
@@ -125,20 +133,45 @@ class FastSlowLora:
     def save_adapter(self, module: str, out_dir: Path) -> None:
         """``module`` as a PEFT LoRA adapter directory that plain ``peft`` loads onto the base model."""
         write_peft_lora(self.state_dict(module), self.r, self.alpha, list(self.layers),
-                        getattr(self.model.config, "_name_or_path", None), out_dir)
+                        getattr(self.model.config, "_name_or_path", None), out_dir, self.dropout)
+
+    def load_adapter(self, module: str, out_dir: Path) -> None:
+        """``module``'s factors from a PEFT LoRA adapter directory written by :meth:`save_adapter`."""
+        from safetensors.torch import load_file
+
+        saved = load_file(Path(out_dir) / "adapter_model.safetensors")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                for kind in ("lora_A", "lora_B"):
+                    getattr(layer, kind)[module].copy_(saved[f"base_model.model.{name}.{kind}.weight"])
 
 
 class FastSlowPair(Parametrization):
-    """The pair as a parametrization: the reference is the base (route ``off``), and forwards outside an explicit
+    """The LoRA pair as a parametrization: the reference is the base (route ``off``), and forwards outside an explicit
     route run the *resting* module (the leader, set by the schedule), so that evaluation, generation and export
-    see the policy the run would return."""
+    see the policy the run would return. Both modules in one forward (:meth:`routed` ``split``) is this pair's own:
+    ``fused`` (a pair of any other parametrization is :class:`preflab.ofs.module_pair.ModulePair`)."""
 
     count_convention = "LoRA factor elements of both modules"
+    fused = True
 
-    def __init__(self, model: nn.Module, r: int, alpha: float, init_same: bool = True):
-        self.pair = FastSlowLora(model, r, alpha, init_same)
+    def __init__(self, model: nn.Module, r: int, alpha: float, init_same: bool = True, dropout: float = 0.0,
+                 target_modules: tuple[str, ...] = ("all-linear",)):
+        self.pair = FastSlowLora(model, r, alpha, init_same, dropout, target_modules)
         self.model = self.pair.model
         self.rest_on("fast")
+
+    def parameters(self, module: str) -> list[nn.Parameter]:
+        return self.pair.parameters(module)
+
+    def routed(self, mode: str, split: int = 0):
+        return self.pair.routed(mode, split)
+
+    def save_module(self, module: str, out_dir: Path) -> None:
+        self.pair.save_adapter(module, out_dir)
+
+    def load_module(self, module: str, out_dir: Path) -> None:
+        self.pair.load_adapter(module, out_dir)
 
     def rest_on(self, module: str) -> None:
         self.pair.route.mode, self.pair.route.split = module, 0

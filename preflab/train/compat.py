@@ -44,6 +44,13 @@ def _uses_ofs(config: Config) -> bool:
     return config.schedule == "ofs"
 
 
+def _routed_pair(config: Config) -> bool:
+    """The parametrization has a fast/slow pair of its own that runs both modules in one routed forward (LoRA)."""
+    from ..adapters import parametrization_registry
+
+    return parametrization_registry()[config.parametrization.name].pair is not None
+
+
 REFUSALS: tuple[Refusal, ...] = (
     Refusal("engine × schedule", "FSDP, DeepSpeed × every schedule but offline",
             lambda c, e: _sharded(e) and c.schedule != "offline",
@@ -61,24 +68,19 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda c, e: e == "deepspeed" and c.train.on_nonfinite == "skip",
             lambda c, e: "accelerate DeepSpeed: train.on_nonfinite=skip cannot skip an update that DeepSpeed applies "
                          "inside its backward; use train.on_nonfinite=stop (or launch with another engine)"),
-    Refusal("engine × schedule", "several processes × OFS with two forwards",
-            lambda c, e: _uses_ofs(c) and e != "single" and not c.ofs.fused_forward,
+    Refusal("engine × schedule", "several processes × OFS with one forward per module",
+            lambda c, e: _uses_ofs(c) and e != "single" and not (c.ofs.fused_forward and _routed_pair(c)),
             lambda c, e: "schedule: ofs under several processes needs ofs.fused_forward=true (DDP synchronises one "
-                         "forward per backward; the routed forward runs both modules in one)"),
-    Refusal("schedule × parametrization", "OFS × any parametrization but LoRA",
-            lambda c, e: _uses_ofs(c) and c.parametrization.name != "lora",
-            lambda c, e: f"schedule: ofs trains a pair of LoRA modules; parametrization.kind is "
-                         f"{c.parametrization.name!r} (set parametrization.kind=lora)"),
-    Refusal("schedule × parametrization", "OFS × LoRA with dropout or named targets",
-            lambda c, e: _uses_ofs(c) and c.parametrization.name == "lora" and (
-                c.parametrization.params.dropout or c.parametrization.params.target_modules != ("all-linear",)),
-            lambda c, e: "schedule: ofs: the fast/slow pair takes parametrization.dropout=0 and "
-                         "target_modules=[all-linear]"),
-    Refusal("schedule × optimizer", "OFS × OnDARE, OnTIES",
-            lambda c, e: _uses_ofs(c) and c.optim.name != "adamw",
-            lambda c, e: "schedule: ofs uses AdamW (one parameter group per module); set optim.name=adamw"),
-    Refusal("schedule × gradient checkpointing", "OFS with two forwards × gradient checkpointing",
-            lambda c, e: _uses_ofs(c) and c.train.gradient_checkpointing and not c.ofs.fused_forward,
+                         "forward per backward; the routed forward runs both modules in one)"
+                         + ("" if _routed_pair(c) else f"; a pair of {c.parametrization.name} runs one forward per "
+                                                        "module: use parametrization.kind=lora")),
+    Refusal("schedule × parametrization", "OFS fused forward × a pair of any parametrization but LoRA",
+            lambda c, e: _uses_ofs(c) and c.ofs.fused_forward and not _routed_pair(c),
+            lambda c, e: f"ofs.fused_forward: both modules in one routed forward is the LoRA pair's; a pair of "
+                         f"{c.parametrization.name} runs one forward per module (set ofs.fused_forward=false)"),
+    Refusal("schedule × gradient checkpointing", "OFS LoRA pair with two forwards × gradient checkpointing",
+            lambda c, e: _uses_ofs(c) and c.train.gradient_checkpointing and not c.ofs.fused_forward
+            and _routed_pair(c),
             lambda c, e: "schedule: ofs with train.gradient_checkpointing needs ofs.fused_forward=true (the "
                          "recomputation of two separate forwards would not know which module ran)"),
     Refusal("schedule × objective", "OFS × reference-free objectives",

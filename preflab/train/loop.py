@@ -272,7 +272,7 @@ class TrainingRun:
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}",
                                 acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
-            self.evaluation.at_step(step, self.total_steps, record, self.scorer, self.param.model)
+            self.evaluation.at_step(step, self.total_steps, record, self.scorer, self.param.policy_module())
             if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
                 evaluation = self.evaluate()
                 if evaluation:

@@ -24,13 +24,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..config import ConfigError
 from ..losses import PairLogps
 from ..ofs.chasing import RoleState, chasing_term
-from ..ofs.pair import MODULES, FastSlowPair, duplicate_rows
+from ..ofs.module_pair import build_pair
+from ..ofs.pair import MODULES, duplicate_rows
 from .metrics import pair_metrics
 from .program import StepProgram, StepResult
 from .schedules import register_schedule
@@ -72,13 +72,13 @@ class OfsProgram(StepProgram):
         self.roles = RoleState(self.settings.swap_interval)
         self.chase_objective = None
 
-    def parametrization(self, model: torch.nn.Module) -> FastSlowPair:
-        params = self.config.parametrization.params
-        return FastSlowPair(model, params.r, params.alpha, self.settings.init_same)
+    def parametrization(self, model: torch.nn.Module):
+        pc = self.config.parametrization
+        return build_pair(pc.name, pc.params, model, self.settings.init_same)
 
-    def param_groups(self, param: FastSlowPair) -> list[dict]:
+    def param_groups(self, param) -> list[dict]:
         tc, ratio = self.config.train, self.settings.slow_lr_ratio
-        return [{"params": param.pair.parameters(m), "lr": tc.lr * (1.0 if m == "fast" else ratio),
+        return [{"params": param.parameters(m), "lr": tc.lr * (1.0 if m == "fast" else ratio),
                  "weight_decay": tc.weight_decay} for m in MODULES]
 
     def prepare(self, run) -> None:
@@ -94,7 +94,7 @@ class OfsProgram(StepProgram):
     # -- the step -------------------------------------------------------------------------------------------
 
     def forward(self, run, batch, ref: Tensor | None) -> StepResult:
-        b, s, oc, pair = batch.num_pairs, batch.num_sequences, self.settings, run.param.pair
+        b, s, oc, pair = batch.num_pairs, batch.num_sequences, self.settings, run.param
 
         def pair_logps(logps, counts):
             return PairLogps(logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:])
@@ -127,10 +127,10 @@ class OfsProgram(StepProgram):
         # a fused step's recomputation (gradient checkpointing) must route rows as its forward did; separate
         # forwards hold their graphs and are refused with checkpointing
         fused = self.settings.fused_forward
-        return run.param.pair.routed("split", batch.input_ids.shape[0]) if fused else nullcontext()
+        return run.param.routed("split", batch.input_ids.shape[0]) if fused else nullcontext()
 
     def clip(self, run, max_norm: float, record: dict) -> float:
-        pair = run.param.pair
+        pair = run.param
         if self.settings.clip_scope == "joint":
             return run.engine.clip([pair.parameters("fast") + pair.parameters("slow")], max_norm)[0]
         norms = run.engine.clip([pair.parameters(m) for m in MODULES], max_norm)
@@ -176,7 +176,7 @@ class OfsProgram(StepProgram):
             if run.engine.is_main:
                 out, tmp = run.run_dir / "best_fast", run.run_dir / ".best_fast.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
-                run.param.pair.save_adapter("fast", tmp)
+                run.param.save_module("fast", tmp)
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp, out)
             run.engine.barrier()  # the others read best_fast/ at the end of training
@@ -190,11 +190,7 @@ class OfsProgram(StepProgram):
             log.warning("ofs.export=best_val_fast: no held-out evaluation after step 0 (data.eval missing?); "
                         "exporting the final fast module")
             return
-        saved = load_file(run.run_dir / "best_fast" / "adapter_model.safetensors")
-        with torch.no_grad():
-            for name, layer in run.param.pair.layers.items():
-                for kind in ("lora_A", "lora_B"):
-                    getattr(layer, kind)["fast"].copy_(saved[f"base_model.model.{name}.{kind}.weight"])
+        run.param.load_module("fast", run.run_dir / "best_fast")
         log.info("ofs.export=best_val_fast: the fast module of step %d (held-out loss %.4f)", best["step"],
                  best["loss"])
 

@@ -6,7 +6,7 @@ from conftest import sentiment_rows, train_until_killed, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import ConfigError, load_config
-from preflab.train import train
+from preflab.train import TrainingRun, train
 
 
 def _cfg(model, data, out, *extra):
@@ -50,7 +50,6 @@ def test_lora_has_no_tensor_to_merge(sft_run, tiny_model_dir, tmp_path):
 def test_the_loops_task_vectors_point_from_the_base_to_the_sft_model(sft_run, tiny_model_dir, tmp_path, name):
     """The optimizer the loop builds holds τ = θ_SFT − θ_base for every trained tensor (p = 1: τ̃ = τ)."""
     from preflab.models.loader import load_model
-    from preflab.train import TrainingRun
 
     sft_dir, data = sft_run
     clip = ["optim.clip=1000"] if name == "ondare_adamw" else []  # (OnTIES has no clamp: no clip key)
@@ -64,3 +63,22 @@ def test_the_loops_task_vectors_point_from_the_base_to_the_sft_model(sft_run, ti
             torch.testing.assert_close(state[param]["tau"], sft[key] - base[key], rtol=0, atol=1e-7)
             checked += 1
     assert checked > 0 and any((sft[k] - base[k]).abs().max() > 1e-4 for k in sft)
+
+
+def test_ofs_with_a_full_pair_merges_each_module_with_the_task_vector(sft_run, tiny_model_dir, tmp_path):
+    """OFS-DPO over two full fine-tuning modules with OnDARE: each module's tensors carry τ = θ_SFT − θ_base."""
+    from preflab.models.loader import load_model
+
+    sft_dir, data = sft_run
+    run = TrainingRun(_cfg(sft_dir, data, tmp_path / "r", "schedule=ofs", "optim.name=ondare_adamw",
+                           f"optim.base_model={tiny_model_dir}", "optim.reserve_p=1", "optim.clip=1000",
+                           "train.max_steps=2", "ofs.swap_interval=1", "train.lr=1e-3"))
+    base, sft = load_model(str(tiny_model_dir)).state_dict(), load_model(str(sft_dir)).state_dict()
+    state = run.optimizer.optimizer.state if hasattr(run.optimizer, "optimizer") else run.optimizer.state
+    for module in ("fast", "slow"):
+        named = dict(run.param.modules[module].model.named_parameters())
+        assert named and all("tau" in state[p] for p in named.values())
+        key = "model.layers.0.self_attn.q_proj.weight"
+        torch.testing.assert_close(state[named[key]]["tau"], sft[key] - base[key], rtol=0, atol=1e-7)
+    result = run.run()
+    assert result.steps == 2 and (tmp_path / "r" / "final" / "model.safetensors").is_file()

@@ -99,9 +99,10 @@ def test_a_killed_run_resumes_to_the_same_modules_and_roles(tiny_model_dir, data
 
 
 def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="parametrization.kind=lora"):
+    with pytest.raises(ConfigError, match="routed forward is the LoRA pair's; a pair of full runs one forward per"):
         TrainingRun(load_config(None, [f"model.name={tiny_model_dir}", f"data.train={data}", "schedule=ofs",
-                                  f"output_dir={tmp_path / 'a'}", "parametrization.kind=full"]))
+                                       f"output_dir={tmp_path / 'a'}", "parametrization.kind=full",
+                                       "ofs.fused_forward=true"]))
     with pytest.raises(ConfigError, match="fused_forward=true"):
         TrainingRun(_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true"))
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is needed
@@ -240,8 +241,21 @@ def test_a_resumed_run_restores_the_role_state_of_its_checkpoint(tiny_model_dir,
     assert run.program.roles.state_dict() == saved
 
 
-def test_ofs_refuses_dropout_and_named_targets(tiny_model_dir, data, tmp_path):
-    for extra in ("parametrization.dropout=0.1", "parametrization.target_modules=[q_proj]"):
-        with pytest.raises(ConfigError, match=r"^schedule: ofs: the fast/slow pair takes parametrization.dropout=0 "
-                                              r"and target_modules=\[all-linear\]$"):
-            TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", extra))
+@pytest.mark.parametrize("kind", ["lora-dropout-targets", "dora", "ropo", "full"])
+def test_a_pair_of_any_parametrization_trains_and_resumes_exactly(tiny_model_dir, data, tmp_path, monkeypatch, kind):
+    extra = {"lora-dropout-targets": ["parametrization.dropout=0.1", "parametrization.target_modules=[q_proj,v_proj]"],
+             "dora": ["parametrization.kind=dora"],
+             "ropo": ["parametrization={kind: ropo, target_modules: [all-linear], factors: [[2, 1], [2, 2]]}"],
+             "full": ["parametrization={kind: full}", "train.lr=1e-3"]}[kind]
+    extra += ["train.max_steps=4", "train.save_steps=2", "ofs.swap_interval=2", "ofs.alpha=0.5"]
+    train(_config(tiny_model_dir, data, tmp_path / "straight", *extra))
+    train_until_killed(_config(tiny_model_dir, data, tmp_path / "killed", *extra), 3, monkeypatch)
+    train(_config(tiny_model_dir, data, tmp_path / "killed", *extra))
+    a, b = (load_file(sorted((tmp_path / r / "checkpoints").iterdir())[-1] / "trainable.safetensors")
+            for r in ("straight", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = _records(tmp_path / "straight")
+    assert records[-1]["ofs/gap"] != 0 and records[-1]["loss"] < records[0]["loss"]
+    fast = [k for k in a if ".fast" in k or k.startswith("fast.")]
+    slow = [k for k in a if ".slow" in k or k.startswith("slow.")]
+    assert fast and len(fast) == len(slow)  # both modules checkpointed
