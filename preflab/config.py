@@ -237,9 +237,10 @@ def _schedules() -> dict:
 
 
 def _used_sections(schedule: str, sections: dict) -> tuple[str, ...]:
-    spec = _schedules()[schedule]
-    own = (schedule,) if dataclasses.fields(spec.settings) else ()
-    return own + tuple(spec.uses(sections))
+    """The schedule's section and the ones it reads (sections with no settings are not written)."""
+    schedules = _schedules()
+    names = (schedule, *schedules[schedule].uses(sections))
+    return tuple(n for n in dict.fromkeys(names) if dataclasses.fields(schedules[n].settings))
 
 
 def resolve(raw: dict) -> Config:

@@ -76,8 +76,17 @@ class ApoSettings:
     # merged: fold θ_t into dense weights each iteration, fresh adapter on top (exact in fp32; needs an
     # unquantized base). The spec's rank-stacking `stacked` realisation is not implemented.
     lora_extrapolation: str = field(default="merged", metadata={"choices": ("merged",)})
+    # the offline-like schedule each iteration trains with (offline: DPO; ofs: OFS-DPO, its settings in ofs:); the
+    # extrapolation acts on the policy it returns (OFS: the exported module)
+    inner: str = "offline"
 
     def __post_init__(self) -> None:
+        from .schedules import schedule_registry
+
+        inner = schedule_registry().get(self.inner)
+        if inner is None or inner.program is None:
+            offline_like = sorted(n for n, s in schedule_registry().items() if s.program is not None)
+            raise ValueError(f"inner: expected an offline-like schedule, one of {offline_like}; got {self.inner!r}")
         for name in ("iterations", "prompts_per_iteration", "k", "max_new_tokens", "batch_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -175,7 +184,7 @@ class ApoRun:
         loss = c.loss if beta is None else tuple(
             dataclasses.replace(term, params=term.params.with_beta(beta) or term.params) for term in c.loss)
         return dataclasses.replace(
-            c.with_schedule("offline"), resume="auto", output_dir=str(self.iteration_dir(t) / "train"), loss=loss,
+            c.with_schedule(ac.inner), resume="auto", output_dir=str(self.iteration_dir(t) / "train"), loss=loss,
             model=dataclasses.replace(c.model, name=self.start_model(t)),
             data=dataclasses.replace(c.data, train=str(pairs)),
             train=dataclasses.replace(c.train, epochs=ac.epochs_per_iteration),
@@ -314,4 +323,4 @@ class ApoRun:
                          generation)
 
 
-register_schedule("apo", ApoSettings, driver=ApoRun)
+register_schedule("apo", ApoSettings, driver=ApoRun, uses=lambda sections: (sections["apo"].inner,))

@@ -41,7 +41,9 @@ def _reference_free(config: Config) -> bool:
 
 
 def _uses_ofs(config: Config) -> bool:
-    return config.schedule == "ofs"
+    """The run trains with OFS-DPO: itself, as APO's inner schedule, or in COFS's OFS arms."""
+    return (config.schedule == "ofs" or (config.schedule == "apo" and config.apo.inner == "ofs")
+            or (config.schedule == "cofs" and config.cofs.arm in ("cofs", "sequential_ofs")))
 
 
 def _routed_pair(config: Config) -> bool:

@@ -151,3 +151,23 @@ def test_apo_beta_sets_every_beta_of_the_objective_or_is_refused(tiny_model_dir,
     assert mixed[0].params.beta == 0.3 and mixed[1].params == sft
     with pytest.raises(ConfigError, match=r"apo.beta: no term of the objective \(sft\) has a beta"):
         ApoRun(_cfg(tiny_model_dir, tmp_path / "c", "loss.name=sft", "apo.beta=0.2"))
+
+
+def test_apo_over_ofs_extrapolates_the_exported_module(tiny_model_dir, tmp_path):
+    """``apo.inner: ofs``: each iteration is an OFS-DPO run (two LoRA modules); its policy θ̂ is the exported leader
+    folded into the weights, and the extrapolation and the next iteration start from it as from a DPO output."""
+    out = tmp_path / "apo"
+    train(_cfg(tiny_model_dir, out, "apo.alpha=0.3", "apo.inner=ofs", "parametrization={kind: lora, r: 4}",
+               "ofs.swap_interval=1", "ofs.alpha=0.5"))
+    inner = load_config(out / "iter-1" / "train" / "config.yaml")
+    assert inner.schedule == "ofs" and inner.ofs.alpha == 0.5
+    records = [json.loads(line) for line in (out / "iter-1" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert "ofs/gap" in records[-1]
+    base, hat1 = _weights(tiny_model_dir), _weights(out / "iter-1" / "policy")
+    theta1 = _weights(out / "iter-1" / "extrapolated")
+    assert any(not torch.equal(base[k], hat1[k]) for k in base)
+    for k in base:
+        torch.testing.assert_close(theta1[k], 1.3 * hat1[k] - 0.3 * base[k], rtol=0, atol=1e-6)
+    assert load_config(out / "iter-2" / "train" / "config.yaml").model.name == str(out / "iter-1" / "extrapolated")
+    with pytest.raises(ConfigError, match="ofs.fused_forward: both modules in one routed forward"):
+        train(_cfg(tiny_model_dir, tmp_path / "refused", "apo.inner=ofs", "ofs.fused_forward=true"))
