@@ -40,7 +40,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "ropo": (["preflab/adapters/ropo.py"], ["tests/adapters/test_ropo*.py"]),
     "apo": (["preflab/train/apo.py"], ["tests/train/test_apo.py", "tests/train/test_apo_math.py"]),
     "ofs_schedule": (["preflab/train/ofs.py"], ["tests/train/test_ofs.py"]),
-    "cofs": (["preflab/train/cofs.py"], ["tests/train/test_cofs.py"]),
+    "cofs": (["preflab/train/cofs.py", "preflab/train/cofs_combine.py"], ["tests/train/test_cofs.py"]),
     "diagnostics": (["preflab/eval/diagnostics.py"], ["tests/eval/test_diagnostics*.py"]),
 }
 

@@ -33,7 +33,6 @@ import gc
 import json
 import logging
 import random
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +41,16 @@ import torch
 from accelerate import PartialState
 
 from ..config import Config, ConfigError, DomainConfig
-from ..data.collate import collate_pairs
 from ..data.dataset import load_pairs
 from ..data.sources import read_rows
 from ..data.tokenize import PairTokenizer
 from ..eval.generation import GenerationEvaluator
 from ..eval.preference import SequenceLogps, preference_metrics, score_pairs
-from ..losses import PairLogps, build_objective
+from ..losses import build_objective
 from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer, eval_mode
-from ..ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
-from ..ofs.weights import grid_choice, pgd_choice
+from ..ofs.dense import dense_delta, save_delta
+from .cofs_combine import Combination
 from .compat import check_compatible
 from .engine import cpu_processes
 from .loop import TrainingRun
@@ -80,6 +78,9 @@ class CofsSettings:
     pgd_steps: int = 50
     pgd_lr: float = 0.05
     pgd_optimizer: str = field(default="adam", metadata={"choices": ("adam", "sgd")})  # sgd: plain projected GD
+    # how the stored modules combine exactly: factors (LoRA: concatenated factors, exported as one adapter), dense
+    # (any parametrization: θ₀ + Σ w ΔW on the dense weight changes), auto: factors for LoRA, else dense
+    combine: str = field(default="auto", metadata={"choices": ("auto", "factors", "dense")})
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1 or self.grid_max_domains < 1 or self.pgd_steps < 1 or self.pgd_lr <= 0:
@@ -142,6 +143,7 @@ class DomainsRun:
         self._eval_pairs: dict[str, list] = {}
         self._eval_reference: dict[str, SequenceLogps] = {}
         self._evaluators: dict[str, GenerationEvaluator] = {}
+        self.combination = Combination(self)
 
     # -- pieces -------------------------------------------------------------------------------------------
 
@@ -220,85 +222,6 @@ class DomainsRun:
             data=data, train=tc, model=dataclasses.replace(c.model, name=self.start_model(d)),
             eval=dataclasses.replace(c.eval, task=None))  # the driver scores every domain against θ₀
 
-    # -- COFS: choosing and applying the combination ------------------------------------------------------
-
-    def delta_coeffs(self, d: int, previous: list[dict]) -> list[float]:
-        """D_d over the atoms 1..d: e_d, plus C_{d−1} when the module was trained on top of it."""
-        coeffs = [0.0] * (d + 1)
-        if d > 0 and self.cc.init == "from_combined":
-            coeffs[:d] = previous[d - 1]["cofs"]["combined_coeffs"]
-        coeffs[d] = 1.0
-        return coeffs
-
-    def choose_weights(self, modules: list, deltas: list[list[float]], d: int) -> dict:
-        """Weights over D_1..D_{d+1} on the union of the buffers (policy θ₀ + C(w), reference θ₀)."""
-        n = d + 1
-        if n == 1:
-            return {"weights": [1.0], "objective": None, "tried": []}
-        pairs = [p for j in range(n) for p in self.load(str(self.stage_dir(j) / "buffer.jsonl"), "train")]
-        model = load_model(self.config.model.name, self.config.model.dtype,
-                           self.config.model.attn_implementation).to(self.device)
-        mixture = AtomMixture(model, modules)
-        mixture.set(None)
-        reference = self.score(model, pairs)
-        basis = torch.tensor(deltas, dtype=torch.float64)  # (modules, atoms)
-        accuracy = self.cc.select_metric == "pref_acc"
-
-        def metrics(w) -> dict:
-            mixture.set(torch.as_tensor(w, dtype=torch.float64) @ basis)
-            return preference_metrics(self.objective, self.score(model, pairs), reference)
-
-        if n <= self.cc.grid_max_domains:
-            key = "rewards/accuracies" if accuracy else "loss"
-            choice = grid_choice(lambda w: metrics(w)[key], n, self.cc.grid_step, maximize=accuracy)
-        else:
-            choice = pgd_choice(lambda w: self._loss_and_grad(model, mixture, basis, w, pairs, reference, accuracy),
-                                n, self.cc.pgd_steps, self.cc.pgd_lr, maximize=accuracy,
-                                optimizer=self.cc.pgd_optimizer)
-        log.info("cofs stage %d: weights %s (%s %.4f over %d buffer pairs, %d candidates)", n,
-                 [round(w, 4) for w in choice.weights], self.cc.select_metric, choice.objective, len(pairs),
-                 len(choice.tried))
-        return {"weights": list(choice.weights), "objective": choice.objective, "tried": choice.tried,
-                "buffer_pairs": len(pairs)}
-
-    def _loss_and_grad(self, model, mixture, basis, w, pairs, reference, accuracy: bool) -> float:
-        """The mean objective over ``pairs`` at θ₀ + C(w), its gradient accumulated into ``w.grad`` batch by batch."""
-        sc, bs = self.config.scorer, self.config.train.eval_batch_size
-        scorer, n, loss_sum, correct = SequenceScorer(model, sc.chunk_size), len(pairs), 0.0, 0.0
-        with eval_mode(model):
-            for start in range(0, n, bs):
-                idx = list(range(start, min(start + bs, n)))
-                batch = collate_pairs([pairs[i] for i in idx], self.tokenizer.pad_token_id, sc.layout,
-                                      sc.pack_tokens).to(self.device)
-                mixture.set(w @ basis)
-                logps, counts = scorer(**batch.scorer_inputs())
-                b = len(idx)
-                ref_c, ref_r = reference.chosen[idx].to(logps), reference.rejected[idx].to(logps)
-                out = self.objective(PairLogps(logps[:b], logps[b:], ref_c, ref_r, counts[:b], counts[b:]))
-                (out.losses.sum() / n).backward()
-                loss_sum += out.losses.sum().item()
-                correct += ((logps[:b] - ref_c) > (logps[b:] - ref_r)).sum().item()
-        return correct / n if accuracy else loss_sum / n
-
-    def combine(self, d: int, previous: list[dict]) -> tuple[torch.nn.Module, dict]:
-        """C_d from the stored modules; returns θ₀ + C_d (dense) and the stage's ``cofs`` record."""
-        modules = [read_lora_adapter(self.stage_dir(j) / "train" / "final") for j in range(d + 1)]
-        deltas = [previous[j]["cofs"]["delta_coeffs"] for j in range(d)] + [self.delta_coeffs(d, previous)]
-        deltas = [c + [0.0] * (d + 1 - len(c)) for c in deltas]  # over atoms 1..d+1
-        choice = self.choose_weights(modules, deltas, d)
-        combined = [sum(w * c[k] for w, c in zip(choice["weights"], deltas)) for k in range(d + 1)]
-        out = self.stage_dir(d)
-        rank = sum(m[next(iter(m))].A.shape[0] for m, c in zip(modules, combined) if c != 0)
-        if self.main:
-            write_json(out / "combine.json", {**choice, "delta_coeffs": deltas, "combined_coeffs": combined})
-            shutil.rmtree(out / "combined", ignore_errors=True)
-            save_concat_adapter(modules, combined, out / "combined", self.config.model.name)
-        model = load_model(self.config.model.name, self.config.model.dtype, self.config.model.attn_implementation)
-        fold_into(model, modules, combined)
-        record = {"weights": choice["weights"], "objective": choice["objective"], "delta_coeffs": deltas[-1],
-                  "combined_coeffs": combined, "adapter_rank": rank}
-        return model, record
-
     # -- scoring ------------------------------------------------------------------------------------------
 
     def evaluate_domains(self, model: torch.nn.Module) -> dict:
@@ -343,9 +266,15 @@ class DomainsRun:
         record = {"stage": d + 1, "domain": self.stages()[d].name, "steps": result.steps, "seconds": result.seconds,
                   "start": self.start_model(d)}
         if arm == "cofs":
+            if self.combination.dense and self.main:  # the domain's module as its dense change of the weights
+                mc = self.config.model
+                save_delta(dense_delta(run.param.merged_model(),
+                                       load_model(self.start_model(d), mc.dtype, mc.attn_implementation)),
+                           out / "module")
             del run
             gc.collect()
-            model, record["cofs"] = self.combine(d, previous)
+            self.processes.wait_for_everyone()
+            model, record["cofs"] = self.combination.combine(d, previous)
         else:
             model = run.param.merged_model()
             del run

@@ -88,9 +88,10 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("schedule × objective", "OFS × reference-free objectives",
             lambda c, e: _uses_ofs(c) and _reference_free(c),
             lambda c, e: "schedule: ofs needs an objective with a reference (its margins are log-ratios)"),
-    Refusal("schedule × parametrization", "COFS (arm cofs) × any parametrization but LoRA",
-            lambda c, e: c.schedule == "cofs" and c.cofs.arm == "cofs" and c.parametrization.name != "lora",
-            lambda c, e: "cofs.arm=cofs combines LoRA modules; set parametrization.kind=lora"),
+    Refusal("schedule × parametrization", "COFS factor combination × any parametrization but LoRA",
+            lambda c, e: c.schedule == "cofs" and c.cofs.combine == "factors" and c.parametrization.name != "lora",
+            lambda c, e: f"cofs.combine=factors combines LoRA factors; a {c.parametrization.name} module combines "
+                         "through its dense weight change (cofs.combine=dense or auto)"),
 )
 
 

@@ -149,3 +149,33 @@ def test_cofs_refusals_and_the_forgetting_summary(tiny_model_dir, tmp_path):
     assert summary["forgetting"] == pytest.approx({"a": 0.2, "b": 0.3})  # a: best 0.9 → 0.7; b: 0.8 → 0.5
     assert summary["average_forgetting"] == pytest.approx(0.25)
     assert summary["average_final"] == pytest.approx(0.7)
+
+
+def test_cofs_combines_modules_of_any_parametrization_through_their_dense_changes(tiny_model_dir, domains, tmp_path):
+    """RoPO modules: each domain's module is stored as ΔW = W' − W of its merged model against the model it started
+    from; the stage-2 model is θ₀ + Σ_j c_j ΔW_j for the chosen combination (exact), with no adapter to export."""
+    from preflab.ofs.dense import fold_dense, read_delta
+
+    out = tmp_path / "cofs-ropo"
+    train(_config(tiny_model_dir, domains, out, "parametrization={kind: ropo, target_modules: [all-linear], "
+                                                 "factors: [[2, 1], [2, 2]]}", "train.lr=2e-2"))
+    s1, s2 = out / "stage-1-a", out / "stage-2-b"
+    deltas = [read_delta(s / "module") for s in (s1, s2)]
+    assert deltas[0] and set(deltas[0]) == set(deltas[1])
+    combine = _json(s2 / "combine.json")
+    assert combine["delta_coeffs"] == [[1.0, 0.0], [1.0, 1.0]] and len(combine["tried"]) == 5
+    assert not (s2 / "combined").exists()
+    rebuilt = load_model(str(tiny_model_dir))
+    fold_dense(rebuilt, deltas, combine["combined_coeffs"])
+    stage2 = dict(load_model(str(s2 / "model")).named_parameters())
+    for name, param in rebuilt.named_parameters():
+        assert_close(stage2[name], param, rtol=0, atol=1e-6)
+    # stage 2's module is its change against its start, the stage-1 model
+    start, final = load_model(str(s1 / "model")), load_model(str(s2 / "train" / "final"))
+    before = dict(start.named_parameters())
+    for name, param in final.named_parameters():
+        if name in deltas[1]:
+            assert_close(param - before[name], deltas[1][name], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="cofs.combine=factors combines LoRA factors"):
+        train(_config(tiny_model_dir, domains, tmp_path / "refused", "parametrization={kind: full}",
+                      "cofs.combine=factors"))
