@@ -46,7 +46,7 @@ from ..tasks import get_task
 from .engine import cpu_processes
 from .loop import TrainingRun
 from .outputs import RunResult, TrainingError, copy_dir_atomically, record_config, save_model_atomically, write_json
-from .schedules import register_schedule
+from .schedules import pin_for_inner_runs, register_schedule
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class ApoRun:
     # -- one iteration ------------------------------------------------------------------------------------
 
     def inner_config(self, t: int, pairs: Path) -> Config:
-        c, ac = self.config, self.ac
+        c, ac = pin_for_inner_runs(self.config), self.ac
         beta = ac.beta_at(t)
         loss = c.loss if beta is None else tuple(
             dataclasses.replace(term, params=term.params.with_beta(beta) or term.params) for term in c.loss)

@@ -55,7 +55,7 @@ from .compat import check_compatible
 from .engine import cpu_processes
 from .loop import TrainingRun
 from .outputs import RunResult, copy_dir_atomically, record_config, save_model_atomically, write_json, write_rows
-from .schedules import register_schedule
+from .schedules import pin_for_inner_runs, register_schedule
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class DomainsRun:
         self.processes.wait_for_everyone()
 
     def inner_config(self, d: int) -> Config:
-        c, out, arm = self.config, self.stage_dir(d), self.cc.arm
+        c, out, arm = pin_for_inner_runs(self.config), self.stage_dir(d), self.cc.arm
         dc, tc, ofs = c.data, c.train, c.ofs
         if arm == "joint_dpo":
             train = out / "train.jsonl"

@@ -85,6 +85,12 @@ REFUSALS: tuple[Refusal, ...] = (
             and _routed_pair(c),
             lambda c, e: "schedule: ofs with train.gradient_checkpointing needs ofs.fused_forward=true (the "
                          "recomputation of two separate forwards would not know which module ran)"),
+    Refusal("optimizer × parametrization", "OnDARE, OnTIES (adapter_mode full_only) × adapters (LoRA, DoRA, RoPO)",
+            lambda c, e: c.optim.name != "adamw" and c.optim.params.adapter_mode == "full_only"
+            and c.parametrization.name != "full",
+            lambda c, e: f"optim: {c.optim.name} with adapter_mode full_only merges full weights only (the paper's "
+                         f"setting): parametrization.kind={c.parametrization.name} trains no tensor the task vector "
+                         "has; use parametrization.kind=full"),
     Refusal("schedule × objective", "OFS × reference-free objectives",
             lambda c, e: _uses_ofs(c) and _reference_free(c),
             lambda c, e: "schedule: ofs needs an objective with a reference (its margins are log-ratios)"),

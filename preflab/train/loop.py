@@ -226,6 +226,8 @@ class TrainingRun:
         optimizer = engine.optimizer_state(self.optimizer, keep=main)
         rng = engine.rng_state(rng_state())
         tmp = begin_checkpoint(self.run_dir, self.state["step"]) if main else None
+        if main:
+            self.program.save_files(self, tmp)
         engine.write_own_files(tmp)
         if main:
             path = commit_checkpoint(tmp, self.run_dir, self.state["step"], trainable, optimizer,
@@ -255,6 +257,9 @@ class TrainingRun:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(self.engine.own_rng(ckpt["rng"]))
         self.state = ckpt["state"]
+        if self.engine.is_main:
+            self.program.restore_files(self, path)
+        self.engine.barrier()
         eval_path = self.run_dir / "eval.json"
         if eval_path.is_file():
             self.eval_record = json.loads(eval_path.read_text())

@@ -32,6 +32,7 @@ from ..ofs.chasing import RoleState, chasing_term
 from ..ofs.module_pair import build_pair
 from ..ofs.pair import MODULES, duplicate_rows
 from .metrics import pair_metrics
+from .outputs import copy_dir_atomically
 from .program import StepProgram, StepResult
 from .schedules import register_schedule
 
@@ -156,6 +157,16 @@ class OfsProgram(StepProgram):
         if "ofs_roles" in run.state:
             self.roles.load_state_dict(run.state["ofs_roles"])
         self._settle(run)
+
+    def save_files(self, run, directory) -> None:
+        # the best fast module so far travels with the state that names it: best_fast/ may already hold a later
+        # evaluation's module when a run stops between a checkpoint and the next
+        if (run.run_dir / "best_fast").is_dir():
+            shutil.copytree(run.run_dir / "best_fast", directory / "best_fast")
+
+    def restore_files(self, run, checkpoint) -> None:
+        if (checkpoint / "best_fast").is_dir():
+            copy_dir_atomically(checkpoint / "best_fast", run.run_dir / "best_fast")
 
     # -- ofs.export -----------------------------------------------------------------------------------------
 

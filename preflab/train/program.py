@@ -69,6 +69,12 @@ class StepProgram:
     def after_restore(self, run) -> None:
         """After a checkpoint was restored into the run."""
 
+    def save_files(self, run, directory) -> None:
+        """Files of the schedule's own that a checkpoint must keep (main process, into the checkpoint's directory)."""
+
+    def restore_files(self, run, checkpoint) -> None:
+        """Puts the schedule's files back from a checkpoint being restored (main process)."""
+
     def evaluate(self, run, result: dict | None, policy_is_reference: bool) -> dict | None:
         """The held-out evaluation's result, amended by the schedule."""
         return result

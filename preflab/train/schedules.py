@@ -45,3 +45,15 @@ def schedule_registry() -> dict[str, ScheduleSpec]:
     for module in _MODULES:
         importlib.import_module(f"{__package__}.{module}")
     return dict(_REGISTRY)
+
+
+def pin_for_inner_runs(config):
+    """The config an outer schedule builds its inner runs from: what names "the starting model" by default is pinned
+    to the run's own starting model, not each inner run's (an online merging optimizer's θ_SFT: ``optim.sft_model``)."""
+    import dataclasses
+
+    settings = config.optim.params
+    if getattr(settings, "sft_model", "unset") is None:
+        optim = dataclasses.replace(config.optim, params=dataclasses.replace(settings, sft_model=config.model.name))
+        return dataclasses.replace(config, optim=optim)
+    return config
