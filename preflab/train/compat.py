@@ -20,6 +20,7 @@ ENGINE_LABELS = {"single": "one process", "ddp": "DDP", "fsdp": "FSDP", "deepspe
 class Refusal:
     axes: str  # the components it spans, e.g. "engine × schedule"
     what: str  # the combination, in the README's words
+    why: str  # why it cannot make sense or work (the README's column)
     applies: Callable[[Config, str], bool]  # (config, engine name)
     message: Callable[[Config, str], str]
 
@@ -55,50 +56,67 @@ def _routed_pair(config: Config) -> bool:
 
 REFUSALS: tuple[Refusal, ...] = (
     Refusal("engine × schedule", "FSDP, DeepSpeed × every schedule but offline",
+            "they swap, merge or extrapolate whole weights between steps; not yet gathered from shards",
             lambda c, e: _sharded(e) and c.schedule != "offline",
             lambda c, e: _on_sharded(e, f"schedule {c.schedule} swaps, merges or extrapolates whole weights between "
                                         "steps; only the offline schedule is supported")),
     Refusal("engine × optimizer", "FSDP, DeepSpeed × OnDARE, OnTIES",
+            "every update is merged with whole task vectors; not yet gathered from shards",
             lambda c, e: _sharded(e) and c.optim.name != "adamw",
             lambda c, e: _on_sharded(e, f"optim.name={c.optim.name} merges every update with whole task vectors; "
                                         "use adamw")),
     Refusal("engine × diagnostics", "FSDP, DeepSpeed × the 3D diagnostics",
+            "they sample and measure with unsharded weights",
             lambda c, e: _sharded(e) and c.diag.enabled,
             lambda c, e: _on_sharded(e, "the 3D diagnostics sample and measure with unsharded weights; set "
                                         "diag.enabled=false")),
     Refusal("engine × non-finite policy", "DeepSpeed × train.on_nonfinite: skip",
+            "DeepSpeed applies the update inside its backward: there is no update left to skip",
             lambda c, e: e == "deepspeed" and c.train.on_nonfinite == "skip",
             lambda c, e: "accelerate DeepSpeed: train.on_nonfinite=skip cannot skip an update that DeepSpeed applies "
                          "inside its backward; use train.on_nonfinite=stop (or launch with another engine)"),
     Refusal("engine × schedule", "several processes × OFS with one forward per module",
+            "DDP synchronises one forward per backward; only the LoRA pair's routed forward runs both modules in one",
             lambda c, e: _uses_ofs(c) and e != "single" and not (c.ofs.fused_forward and _routed_pair(c)),
             lambda c, e: "schedule: ofs under several processes needs ofs.fused_forward=true (DDP synchronises one "
                          "forward per backward; the routed forward runs both modules in one)"
                          + ("" if _routed_pair(c) else f"; a pair of {c.parametrization.name} runs one forward per "
                                                         "module: use parametrization.kind=lora")),
     Refusal("schedule × parametrization", "OFS fused forward × a pair of any parametrization but LoRA",
+            "only the LoRA pair routes both modules through one forward; set ofs.fused_forward=false",
             lambda c, e: _uses_ofs(c) and c.ofs.fused_forward and not _routed_pair(c),
             lambda c, e: f"ofs.fused_forward: both modules in one routed forward is the LoRA pair's; a pair of "
                          f"{c.parametrization.name} runs one forward per module (set ofs.fused_forward=false)"),
     Refusal("schedule × gradient checkpointing", "OFS LoRA pair with two forwards × gradient checkpointing",
+            "the recomputation of two separate forwards would not know which module ran",
             lambda c, e: _uses_ofs(c) and c.train.gradient_checkpointing and not c.ofs.fused_forward
             and _routed_pair(c),
             lambda c, e: "schedule: ofs with train.gradient_checkpointing needs ofs.fused_forward=true (the "
                          "recomputation of two separate forwards would not know which module ran)"),
     Refusal("optimizer × parametrization", "OnDARE, OnTIES (adapter_mode full_only) × adapters (LoRA, DoRA, RoPO)",
+            "the paper's setting merges full weights: an adapter trains no tensor the task vector has (adapter_space is not built yet)",
             lambda c, e: c.optim.name != "adamw" and c.optim.params.adapter_mode == "full_only"
             and c.parametrization.name != "full",
             lambda c, e: f"optim: {c.optim.name} with adapter_mode full_only merges full weights only (the paper's "
                          f"setting): parametrization.kind={c.parametrization.name} trains no tensor the task vector "
                          "has; use parametrization.kind=full"),
     Refusal("schedule × objective", "OFS × reference-free objectives",
+            "OFS's margins are log-ratios to a reference",
             lambda c, e: _uses_ofs(c) and _reference_free(c),
             lambda c, e: "schedule: ofs needs an objective with a reference (its margins are log-ratios)"),
     Refusal("schedule × parametrization", "COFS factor combination × any parametrization but LoRA",
+            "only LoRA has factors; other modules combine through their dense weight change (cofs.combine: dense or auto)",
             lambda c, e: c.schedule == "cofs" and c.cofs.combine == "factors" and c.parametrization.name != "lora",
             lambda c, e: f"cofs.combine=factors combines LoRA factors; a {c.parametrization.name} module combines "
                          "through its dense weight change (cofs.combine=dense or auto)"),
 )
+
+
+def markdown_table() -> str:
+    """The README's table of refused combinations (``tests/train/test_compat.py`` checks the README holds it)."""
+    rows = ["| axes | refused | why |", "|---|---|---|"]
+    rows += [f"| {r.axes} | {r.what} | {r.why} |" for r in REFUSALS]
+    return "\n".join(rows)
 
 
 def refusal(config: Config, engine: str) -> Refusal | None:
