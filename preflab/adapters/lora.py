@@ -3,11 +3,17 @@
 - LoRA: Hu et al., arXiv 2106.09685. ``W + (α/r)·B·A`` with ``B = 0`` at the start, so the policy starts
   equal to the reference.
 - DoRA: Liu et al., arXiv 2402.09353 (PEFT ``use_dora=True``): magnitude and direction decomposed.
+
+With ``init_adapter`` (a PEFT adapter directory, e.g. an SFT run's ``final/``) the policy continues training that
+adapter on ``model.name``, and the reference is the model with the adapter as it was loaded (a frozen copy of its
+factors held as a second PEFT adapter), so that the policy again starts equal to the reference. This is the setting
+of the online merging optimizers' ``adapter_mode: adapter_space``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,9 @@ class LoraParams:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("all-linear",)  # module names, or all-linear (every Linear but the head)
+    # a PEFT adapter directory to continue training (r, alpha and dropout must be the adapter's; its own target
+    # modules are used unless target_modules names others); the reference is the model with it as loaded
+    init_adapter: str | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -33,10 +42,43 @@ class LoraParams:
             raise ValueError("target_modules: must name at least one module (or all-linear)")
 
 
+REFERENCE = "reference"  # the frozen copy of an init_adapter: the reference
+
+
+def _check_init_adapter(params: LoraParams, use_dora: bool) -> Path:
+    path = Path(params.init_adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"init_adapter: {path} holds no adapter_config.json (a PEFT adapter directory)")
+    saved = json.loads((path / "adapter_config.json").read_text())
+    if saved.get("peft_type") != "LORA":
+        raise ValueError(f"init_adapter: {path} is a {saved.get('peft_type')} adapter, not LoRA")
+    found = {"r": saved.get("r"), "alpha": saved.get("lora_alpha"), "dropout": saved.get("lora_dropout", 0.0)}
+    for key, value in found.items():
+        if value != getattr(params, key):
+            raise ValueError(f"{key}: {getattr(params, key)} differs from the init_adapter's {value} ({path}); set "
+                             f"parametrization.{key}={value}")
+    if bool(saved.get("use_dora")) != use_dora:
+        kind = "dora" if saved.get("use_dora") else "lora"
+        raise ValueError(f"init_adapter: {path} is a {kind} adapter; set parametrization.kind={kind}")
+    targets = saved.get("target_modules")
+    targets = {targets} if isinstance(targets, str) else set(targets or ())
+    if params.target_modules != ("all-linear",) and set(params.target_modules) != targets:
+        raise ValueError(f"target_modules: {list(params.target_modules)} differ from the init_adapter's "
+                         f"{sorted(targets)} ({path})")
+    return path
+
+
 class PeftAdapter(Parametrization):
     def __init__(self, model: nn.Module, params: LoraParams, use_dora: bool):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
+        self.continued = params.init_adapter is not None
+        if self.continued:
+            path = _check_init_adapter(params, use_dora)
+            self.model = PeftModel.from_pretrained(model, path, is_trainable=True)
+            self.model.load_adapter(path, adapter_name=REFERENCE, is_trainable=False)
+            self.model.set_adapter("default")
+            return
         targets = params.target_modules
         config = LoraConfig(
             r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout, use_dora=use_dora,
@@ -49,15 +91,24 @@ class PeftAdapter(Parametrization):
 
     @contextmanager
     def reference(self):
-        with self.model.disable_adapter():
+        if not self.continued:
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        # the loaded adapter's frozen copy runs instead of the trained one; switching back makes the trained one
+        # the only trainable adapter again, as it was
+        self.model.set_adapter(REFERENCE, inference_mode=True)
+        try:
             yield self.model
+        finally:
+            self.model.set_adapter("default")
 
     def merged_model(self) -> nn.Module:
         """A copy with ``W + ΔW`` folded in (PEFT's merge on a deep copy: the trained adapter stays as it is)."""
-        return copy.deepcopy(self.model).merge_and_unload()
+        return copy.deepcopy(self.model).merge_and_unload(adapter_names=["default"])
 
     def save_final(self, out_dir: Path) -> None:
-        self.model.save_pretrained(out_dir)
+        self.model.save_pretrained(out_dir, selected_adapters=["default"])
 
 
 def _lora_pair(model: nn.Module, p: LoraParams, init_same: bool) -> Parametrization:

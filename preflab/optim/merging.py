@@ -276,7 +276,7 @@ def task_vectors_by_name(named_params: Iterable[tuple[str, Tensor]], base: Mappi
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        key = _match(name, sft)
+        key = match_name(name, sft)
         if key is None:
             continue
         if key not in base:
@@ -288,7 +288,7 @@ def task_vectors_by_name(named_params: Iterable[tuple[str, Tensor]], base: Mappi
     return out
 
 
-def _match(name: str, table: Mapping[str, Tensor]) -> str | None:
+def match_name(name: str, table: Mapping[str, Tensor]) -> str | None:
     """``name`` or a suffix of it after stripping wrapper prefixes (``module.``, ``base_model.model.``, ...)."""
     parts = name.split(".")
     for i in range(len(parts)):

@@ -21,6 +21,7 @@ class OptimizerInputs:
     betas: tuple[float, float]  # train.adam_betas
     named_parameters: dict[str, torch.nn.Parameter]  # the policy's trainable tensors by name
     model_name: str  # model.name: the starting policy
+    start_adapter: str | None = None  # the adapter the policy continues training (parametrization.init_adapter)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,10 @@ def _uses_ofs(config: Config) -> bool:
             or (config.schedule == "cofs" and config.cofs.arm in ("cofs", "sequential_ofs")))
 
 
+def _init_adapter(config: Config) -> str | None:
+    return getattr(config.parametrization.params, "init_adapter", None)
+
+
 def _routed_pair(config: Config) -> bool:
     """The parametrization has a fast/slow pair of its own that runs both modules in one routed forward (LoRA)."""
     from ..adapters import parametrization_registry
@@ -56,17 +60,18 @@ def _routed_pair(config: Config) -> bool:
 
 REFUSALS: tuple[Refusal, ...] = (
     Refusal("engine × schedule", "FSDP, DeepSpeed × every schedule but offline",
-            "they swap, merge or extrapolate whole weights between steps; not yet gathered from shards",
+            "not built yet: they swap, merge or extrapolate whole weights between steps, which are not gathered from "
+            "the shards yet",
             lambda c, e: _sharded(e) and c.schedule != "offline",
             lambda c, e: _on_sharded(e, f"schedule {c.schedule} swaps, merges or extrapolates whole weights between "
                                         "steps; only the offline schedule is supported")),
     Refusal("engine × optimizer", "FSDP, DeepSpeed × OnDARE, OnTIES",
-            "every update is merged with whole task vectors; not yet gathered from shards",
+            "not built yet: every update is merged with whole task vectors, which are not sharded alike yet",
             lambda c, e: _sharded(e) and c.optim.name != "adamw",
             lambda c, e: _on_sharded(e, f"optim.name={c.optim.name} merges every update with whole task vectors; "
                                         "use adamw")),
     Refusal("engine × diagnostics", "FSDP, DeepSpeed × the 3D diagnostics",
-            "they sample and measure with unsharded weights",
+            "not built yet: they sample and measure with unsharded weights",
             lambda c, e: _sharded(e) and c.diag.enabled,
             lambda c, e: _on_sharded(e, "the 3D diagnostics sample and measure with unsharded weights; set "
                                         "diag.enabled=false")),
@@ -94,18 +99,33 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda c, e: "schedule: ofs with train.gradient_checkpointing needs ofs.fused_forward=true (the "
                          "recomputation of two separate forwards would not know which module ran)"),
     Refusal("optimizer × parametrization", "OnDARE, OnTIES (adapter_mode full_only) × adapters (LoRA, DoRA, RoPO)",
-            "the paper's setting merges full weights: an adapter trains no tensor the task vector has (adapter_space is not built yet)",
+            "the paper's setting merges full weights: an adapter trains no tensor θ_SFT − θ_base has (continue an SFT "
+            "adapter with adapter_mode adapter_space)",
             lambda c, e: c.optim.name != "adamw" and c.optim.params.adapter_mode == "full_only"
             and c.parametrization.name != "full",
             lambda c, e: f"optim: {c.optim.name} with adapter_mode full_only merges full weights only (the paper's "
                          f"setting): parametrization.kind={c.parametrization.name} trains no tensor the task vector "
-                         "has; use parametrization.kind=full"),
+                         "has; use parametrization.kind=full, or optim.adapter_mode=adapter_space with "
+                         "parametrization.init_adapter (θ_SFT an adapter)"),
+    Refusal("optimizer × parametrization", "OnDARE, OnTIES (adapter_mode adapter_space) × a policy that continues "
+            "no adapter", "τ = φ_SFT − φ_init is taken over the SFT adapter the run continues training",
+            lambda c, e: c.optim.name != "adamw" and c.optim.params.adapter_mode == "adapter_space"
+            and _init_adapter(c) is None,
+            lambda c, e: f"optim: {c.optim.name} with adapter_mode adapter_space continues training the SFT adapter: "
+                         "set parametrization.kind=lora (or dora) with parametrization.init_adapter=<the SFT adapter "
+                         "directory>"),
+    Refusal("schedule × parametrization", "every schedule but offline × parametrization.init_adapter",
+            "not built yet: OFS's two modules, APO's iterations and COFS's stages start their own modules",
+            lambda c, e: c.schedule != "offline" and _init_adapter(c) is not None,
+            lambda c, e: f"parametrization.init_adapter: schedule {c.schedule} does not continue a saved adapter (only "
+                         "the offline schedule does); remove parametrization.init_adapter"),
     Refusal("schedule × objective", "OFS × reference-free objectives",
             "OFS's margins are log-ratios to a reference",
             lambda c, e: _uses_ofs(c) and _reference_free(c),
             lambda c, e: "schedule: ofs needs an objective with a reference (its margins are log-ratios)"),
     Refusal("schedule × parametrization", "COFS factor combination × any parametrization but LoRA",
-            "only LoRA has factors; other modules combine through their dense weight change (cofs.combine: dense or auto)",
+            "only LoRA has factors; other modules combine through their dense weight change (cofs.combine: dense or "
+            "auto)",
             lambda c, e: c.schedule == "cofs" and c.cofs.combine == "factors" and c.parametrization.name != "lora",
             lambda c, e: f"cofs.combine=factors combines LoRA factors; a {c.parametrization.name} module combines "
                          "through its dense weight change (cofs.combine=dense or auto)"),

@@ -107,7 +107,8 @@ class TrainingRun:
     def _optimizer(self) -> torch.optim.Optimizer:
         oc, tc = self.config.optim, self.config.train
         inputs = OptimizerInputs(self.program.param_groups(self.param), tc.lr, tc.adam_betas,
-                                 self.param.trainable_parameters(), self.config.model.name)
+                                 self.param.trainable_parameters(), self.config.model.name,
+                                 getattr(self.config.parametrization.params, "init_adapter", None))
         try:
             return build_optimizer(oc.name, oc.params, inputs)
         except ValueError as e:

@@ -97,7 +97,8 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
 ])
 def test_sharding_engines_refuse_what_needs_whole_weights_before_any_work(engine, override, match):
     fused = ["ofs.fused_forward=true"] if override == "schedule=ofs" else []  # (DDP needs it for OFS)
-    config = load_config(None, ["diag.enabled=false", override, *fused])
+    full = ["parametrization.kind=full"] if override.startswith("optim") else []  # (the paper's setting)
+    config = load_config(None, ["diag.enabled=false", override, *fused, *full])
     with pytest.raises(ConfigError, match=match):
         check_compatible(config, engine)
     check_compatible(config, "ddp")
