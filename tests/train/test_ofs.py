@@ -259,3 +259,55 @@ def test_a_pair_of_any_parametrization_trains_and_resumes_exactly(tiny_model_dir
     fast = [k for k in a if ".fast" in k or k.startswith("fast.")]
     slow = [k for k in a if ".slow" in k or k.startswith("slow.")]
     assert fast and len(fast) == len(slow)  # both modules checkpointed
+
+
+def test_best_val_fast_exports_the_best_module_not_the_last(tiny_model_dir, data, tmp_path, monkeypatch):
+    """Held-out losses scripted so that the fast module is best at step 2 of 5: final/ is the fast module as the
+    checkpoint of step 2 holds it, not the last one (a resumed run keeps best_fast/ with its checkpoint)."""
+    config = _config(tiny_model_dir, data, tmp_path / "ofs", f"data.eval={data}", "train.max_steps=5",
+                     "train.eval_steps=1", "train.save_steps=1", "train.save_total_limit=10",
+                     "ofs.export=best_val_fast", "ofs.swap_interval=100")
+    run = TrainingRun(config)
+    real = run.evaluation.held_out
+
+    def scripted(scorer, policy_is_reference=False):
+        result = real(scorer, policy_is_reference)
+        step, module = run.state["step"], run.param.resting
+        return {**result, "loss": 0.1 if (step, module) == (2, "fast") else 1.0 + step}
+
+    monkeypatch.setattr(run.evaluation, "held_out", scripted)
+    run.run()
+    assert run.state["ofs_best_fast"] == {"step": 2, "loss": 0.1}
+    checkpoints = run.run_dir / "checkpoints"
+    at_two = load_file(checkpoints / "step-00000002" / "trainable.safetensors")
+    later = load_file(checkpoints / "step-00000004" / "trainable.safetensors")
+    assert (checkpoints / "step-00000002" / "best_fast").is_dir()  # the checkpoint keeps it
+    final = load_file(run.run_dir / "final" / "adapter_model.safetensors")
+    checked = 0
+    for key, value in at_two.items():  # model.layers.0.mlp.down_proj.lora_B.fast
+        if key.endswith(".fast"):
+            exported = final["base_model.model." + key.removesuffix(".fast") + ".weight"]
+            assert torch.equal(exported, value), key
+            checked += not torch.equal(later[key], value)
+    assert checked > 0  # the module moved after step 2
+    assert checked > 0
+
+
+@pytest.mark.parametrize("export", ["fast", "slow", "leader"])
+def test_export_names_the_module_final_holds(tiny_model_dir, data, tmp_path, export):
+    """fast / slow: that module whatever the roles; leader: the module leading at the end. Outside best_val_fast no
+    fast-module evaluation runs and no best_fast/ is written."""
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", f"data.eval={data}", "train.max_steps=3",
+                              "train.eval_steps=1", f"ofs.export={export}", "ofs.swap_interval=1", "ofs.alpha=0.5"))
+    run.run()
+    wanted = run.program.roles.leader if export == "leader" else export
+    assert run.param.resting == wanted
+    final = load_file(run.run_dir / "final" / "adapter_model.safetensors")
+    layer = next(iter(run.param.pair.layers))
+    for factor in ("lora_A", "lora_B"):
+        held = final[f"base_model.model.{layer}.{factor}.weight"]
+        tensors = {m: getattr(run.param.pair.layers[layer], factor)[m] for m in ("fast", "slow")}
+        assert not torch.equal(tensors["fast"], tensors["slow"]) or factor == "lora_A"
+        assert torch.equal(held, tensors[wanted])
+    record = json.loads((run.run_dir / "eval.json").read_text())
+    assert all("ofs/fast_loss" not in h for h in record["history"]) and not (run.run_dir / "best_fast").exists()
