@@ -76,7 +76,7 @@ def counted(monkeypatch):
 
 def _run(model_dir, data, out, cache_dir, *extra):
     config = load_config(None, [f"model.name={model_dir}", f"data.train={data}", f"output_dir={out}",
-                                "train.progress=false", "train.warmup_ratio=0", "train.max_steps=3",
+                                "data.eval=null", "train.progress=false", "train.warmup_ratio=0", "train.max_steps=3",
                                 "train.batch_size=4", "train.lr=1e-3", "parametrization.kind=lora",
                                 "diag.enabled=false", f"scorer.reference_cache_dir={cache_dir}", *extra])
     train(config)

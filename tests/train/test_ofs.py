@@ -18,7 +18,7 @@ def data(tmp_path_factory):
 
 
 def _config(model_dir, data, out, *extra):
-    return load_config(None, [f"model.name={model_dir}", f"data.train={data}", f"output_dir={out}",
+    return load_config(None, [f"model.name={model_dir}", f"data.train={data}", f"output_dir={out}", "data.eval=null",
                               "schedule=ofs", "train.progress=false", "train.warmup_ratio=0", "diag.enabled=false",
                               "train.batch_size=4", "train.lr=5e-3", "parametrization.kind=lora",
                               "parametrization.r=4", "parametrization.dropout=0", *extra])
