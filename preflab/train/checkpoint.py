@@ -26,11 +26,28 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import ConfigError
+
 STATE_FILE = "state.json"
+DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed engine files (every process its partition)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+
+
+def deepspeed_partitions(path: Path) -> int:
+    """How many processes' DeepSpeed optimizer partitions the checkpoint at ``path`` holds (0: none)."""
+    return len(list((Path(path) / DEEPSPEED_DIR).glob("state/*optim_states.pt")))
+
+
+def check_not_deepspeed(path: Path) -> None:
+    """A checkpoint written under DeepSpeed does not resume under another engine (its optimizer state is DeepSpeed's,
+    partitioned over its processes)."""
+    parts = deepspeed_partitions(path)
+    if parts:
+        raise ConfigError(f"resume: {path} was written under DeepSpeed (its optimizer state is DeepSpeed's, "
+                          f"partitioned over {parts} processes); resume it under DeepSpeed with {parts} processes")
 
 
 def rng_state() -> dict:

@@ -11,23 +11,9 @@ from pathlib import Path
 import torch
 
 from ...config import ConfigError
+from ..checkpoint import DEEPSPEED_DIR, deepspeed_partitions
 from .ddp import DdpEngine
 from .fsdp import ShardedEngine
-
-DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed engine files
-
-
-def _partitions(path: Path) -> int:
-    return len(list((Path(path) / DEEPSPEED_DIR).glob("state/*optim_states.pt")))
-
-
-def check_not_deepspeed(path: Path) -> None:
-    """A checkpoint written under DeepSpeed does not resume under another engine (its optimizer state is DeepSpeed's,
-    partitioned over its processes)."""
-    parts = _partitions(path)
-    if parts:
-        raise ConfigError(f"resume: {path} was written under DeepSpeed (its optimizer state is DeepSpeed's, "
-                          f"partitioned over {parts} processes); resume it under DeepSpeed with {parts} processes")
 
 
 class DeepSpeedEngine(DdpEngine):
@@ -74,7 +60,7 @@ class DeepSpeedEngine(DdpEngine):
         self.barrier()
 
     def check_resumable(self, path: Path) -> None:
-        parts = _partitions(path)
+        parts = deepspeed_partitions(path)
         if parts != self.world:
             written = f"under DeepSpeed with {parts} processes" if parts else "without DeepSpeed"
             raise ConfigError(f"resume: {path} was written {written}; under DeepSpeed resume it with that engine and "

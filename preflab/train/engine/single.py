@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..checkpoint import check_not_deepspeed
+
 log = logging.getLogger(__name__)
 
 class Engine:
@@ -151,8 +153,6 @@ class Engine:
 
     def check_resumable(self, path: Path) -> None:
         """A clear error where a checkpoint cannot resume under this engine (another engine's optimizer files)."""
-        from .deepspeed import check_not_deepspeed
-
         check_not_deepspeed(path)
 
     def restore(self, checkpoint: dict, path: Path, policy, optimizer: torch.optim.Optimizer) -> None:
