@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import sentiment_rows, write_jsonl
+from conftest import make_tiny_model, sentiment_rows, write_jsonl
 from safetensors.torch import load_file
 
 from preflab.config import load_config
@@ -60,6 +60,30 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
     for k in a:  # summation order differs (gloo all-reduce): Adam's m/√v amplifies it where the gradient is ~0;
         # the bound is 1% of one update (lr 1e-2)
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ondare_adamw", "onties_adamw"])
+def test_the_merging_optimizers_under_ddp_equal_one_process(tiny_model_dir, tokenizer, tmp_path, name):
+    """Every process draws the same DARE masks (and elects the same TIES signs) as one process: the replicas stay
+    equal to each other and to the single-process run."""
+    base = tmp_path / "base"
+    make_tiny_model(tokenizer, seed=7).save_pretrained(base)  # τ = θ_SFT − θ_base is not 0
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
+    extra = [f"optim={{name: {name}, base_model: {base}, reserve_p: 0.3, alpha: 0.01}}"]
+    _torchrun([*_args(tiny_model_dir, data, tmp_path / "ddp", 2, "full"), *extra], tmp_path)
+    train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "single", 4, "full"), *extra]))
+    a = load_file(list_checkpoints(tmp_path / "ddp")[-1] / "trainable.safetensors")
+    b = load_file(list_checkpoints(tmp_path / "single")[-1] / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    if name == "ondare_adamw":
+        assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), abs=1e-5)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    else:  # TIES keeps the top-p of |δ|: Adam's first steps are all near ±lr, so a different summation order of
+        # the gradient (gloo's) swaps a few elements at the threshold; the rest agree as under AdamW
+        assert _losses(tmp_path / "ddp") == pytest.approx(_losses(tmp_path / "single"), abs=2e-3)
+        moved = sum(int(((a[k] - b[k]).abs() > 1e-4).sum()) for k in a)
+        assert moved < 0.01 * sum(t.numel() for t in a.values()), moved
 
 
 def _torchrun(args, tmp_path, target=("-m", "preflab.cli", "train")) -> subprocess.CompletedProcess:
