@@ -2,6 +2,7 @@
 an exported leader that plain PEFT loads."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -290,6 +291,11 @@ def test_best_val_fast_exports_the_best_module_not_the_last(tiny_model_dir, data
             assert torch.equal(exported, value), key
             checked += not torch.equal(later[key], value)
     assert checked > 0  # the module moved after step 2
+    # a run stopped while best_fast/ was being replaced gets the best module back from the checkpoint it resumes
+    shutil.rmtree(run.run_dir / "best_fast")
+    TrainingRun(config).restore(checkpoints / "step-00000003")
+    restored = load_file(run.run_dir / "best_fast" / "adapter_model.safetensors")
+    assert restored.keys() == final.keys() and all(torch.equal(restored[k], final[k]) for k in final)
     assert checked > 0
 
 
@@ -311,3 +317,27 @@ def test_export_names_the_module_final_holds(tiny_model_dir, data, tmp_path, exp
         assert torch.equal(held, tensors[wanted])
     record = json.loads((run.run_dir / "eval.json").read_text())
     assert all("ofs/fast_loss" not in h for h in record["history"]) and not (run.run_dir / "best_fast").exists()
+
+
+def test_best_val_fast_measures_the_fast_module_while_the_slow_one_leads(tiny_model_dir, data, tmp_path, monkeypatch):
+    """With the slow module resting (leading), an evaluation is the slow module's, and the fast module is measured
+    on its own for best_val_fast; the resting module is put back. A later evaluation only as good as the best does
+    not replace it (the earliest best is kept)."""
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", f"data.eval={data}", "ofs.export=best_val_fast"))
+    real, seen = run.evaluation.held_out, []
+
+    def scripted(scorer, policy_is_reference=False):
+        result = real(scorer, policy_is_reference)
+        seen.append(run.param.resting)
+        return {**result, "loss": {"slow": 1.0, "fast": 0.5}[run.param.resting]}
+
+    monkeypatch.setattr(run.evaluation, "held_out", scripted)
+    run.param.rest_on("slow")
+    run.state["step"] = 1
+    result = run.evaluate()
+    assert seen == ["slow", "fast"] and run.param.resting == "slow"
+    assert result["loss"] == 1.0 and result["ofs/fast_loss"] == 0.5
+    assert run.state["ofs_best_fast"] == {"step": 1, "loss": 0.5} and (run.run_dir / "best_fast").is_dir()
+    run.state["step"] = 2
+    run.evaluate()
+    assert run.state["ofs_best_fast"] == {"step": 1, "loss": 0.5}
