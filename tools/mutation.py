@@ -197,14 +197,20 @@ def report(work: Path) -> int:
 
 
 def retry(directory: Path) -> None:
-    """Every mutant not caught yet is tested again by the next run (new tests may catch it); caught ones stay."""
+    """Every mutant not caught yet is tested again by the next run (new tests may catch it); caught ones stay. Then
+    mutmut's record of which tests call which function is dropped, so that it is collected again: mutmut updates it
+    only for new tests, and a function that existing tests have started to call would count as covered by none."""
+    again = 0
     for meta in (directory / "mutants").rglob("*.py.meta"):
         data = json.loads(meta.read_text())
         codes = data["exit_code_by_key"]
         for key, code in codes.items():
             if STATUS.get(code, "suspicious") not in DETECTED:
                 codes[key] = None
+                again += 1
         meta.write_text(json.dumps(data, indent=4))
+    if again:
+        (directory / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
 
 
 def main(argv: list[str]) -> int:
