@@ -54,7 +54,8 @@ def test_policy_equal_to_reference_gives_zero_rewards(name):
 
 @pytest.mark.parametrize("name,bad", [("sigmoid", {"beta": 0}), ("sigmoid", {"label_smoothing": 0.5}),
                                       ("flex", {"beta_rejected": -0.1}), ("ipo", {"logp_normalize": "max"}),
-                                      ("dpop", {"lambda_": -1}), ("sft", {"normalize": "avg"})])
+                                      ("dpop", {"lambda_": -1}), ("sft", {"normalize": "avg"}),
+                                      ("sft", {"logp_normalize": "mean"})])  # (sft's own key is normalize)
 def test_bad_hyperparameters_name_the_field(name, bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):
