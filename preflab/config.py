@@ -214,7 +214,11 @@ def _build(cls: type, raw: dict, path: str) -> Any:
     for key in raw:
         if key not in fields_:
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"{where}: unknown key; valid keys here: {sorted(fields_)}" + _suggest(str(key), fields_))
+            doc = (cls.__doc__ or "").strip()
+            valid = f"valid keys here: {sorted(fields_)}" if fields_ else "this section has none"
+            if not fields_ and doc.startswith("("):  # the settings' own word on where its knobs are
+                valid += " " + doc.replace("``", "")
+            raise ConfigError(f"{where}: unknown key; {valid}" + _suggest(str(key), fields_))
     kwargs = {}
     for name, value in raw.items():
         where = f"{path}.{name}" if path else name

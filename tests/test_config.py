@@ -42,6 +42,7 @@ def test_loss_list_and_indexed_override(tmp_path):
     ("data.max_prompt_length=600", "data.max_prompt_length: must be in"),
     ("train.lr.x=1", "train.lr: expected a number"),
     ("noequals", "expected key.sub=value"),
+    ("optim.reserve_p=0.1", r"optim.reserve_p: unknown key; this section has none \(no settings of its own: .* train"),
 ])
 def test_mistakes_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
