@@ -113,18 +113,21 @@ def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path, monkeypa
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("leader", ["fast", "slow"])
-@pytest.mark.parametrize("objective", ["sigmoid", "flex-mean"])
+@pytest.mark.parametrize("objective", ["sigmoid", "flex-mean", "sigmoid-ofs-beta"])
 def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, tmp_path, fused, leader, objective):
     """The gradient of one OFS step on each module equals that of Σ_i w_k,i·h_k,i with the spec's weights
     ∂loss/∂h_k = −[σ(−h_k) + α·σ(h_S − h_F)]/n (F the leader, S the chaser): both modules are pushed towards larger
     margins by the gap term. A flipped sign of the chasing term in the step (the modules fleeing each other) or the
     roles swapped inside it changes these weights. The margins h are the objective's own reward margins: β·h for
-    DPO, β⁺ρ⁺ − β⁻ρ⁻ for Flex-DPO, per token under ``logp_normalize: mean``."""
+    DPO, β⁺ρ⁺ − β⁻ρ⁻ for Flex-DPO, per token under ``logp_normalize: mean``; with ``ofs.beta`` the chasing
+    term's margins take that β while the DPO terms keep the objective's."""
     from preflab.ofs.pair import MODULES
 
-    alpha, (beta_c, beta_r) = 0.5, (0.1, 0.1) if objective == "sigmoid" else (0.4, 0.2)
-    extra = [] if objective == "sigmoid" else ["loss.name=flex", "loss.beta_chosen=0.4", "loss.beta_rejected=0.2",
-                                               "loss.logp_normalize=mean"]
+    alpha, (beta_c, beta_r) = 0.5, (0.4, 0.2) if objective == "flex-mean" else (0.1, 0.1)
+    chase_beta = (0.3, 0.3) if objective == "sigmoid-ofs-beta" else (beta_c, beta_r)
+    extra = {"sigmoid": [], "sigmoid-ofs-beta": ["ofs.beta=0.3"],
+             "flex-mean": ["loss.name=flex", "loss.beta_chosen=0.4", "loss.beta_rejected=0.2",
+                           "loss.logp_normalize=mean"]}[objective]
     run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "run", f"ofs.alpha={alpha}",
                               f"ofs.fused_forward={fused}", *extra))
     pair = run.param.pair
@@ -141,16 +144,18 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
 
     batch = run.collate(indices)
     ref = run.reference_logps(indices, batch)
-    b, h = batch.num_pairs, {}
+    b, h, hc = batch.num_pairs, {}, {}
     for m in MODULES:
         with pair.routed(m):
             logps, counts = run.scorer(**batch.scorer_inputs())
-        rho = (logps - ref) / (1 if objective == "sigmoid" else counts)
+        rho = (logps - ref) / (counts if objective == "flex-mean" else 1)
         h[m] = beta_c * rho[:b] - beta_r * rho[b:]
+        hc[m] = chase_beta[0] * rho[:b] - chase_beta[1] * rho[b:]
     chaser = "slow" if leader == "fast" else "fast"
-    push = torch.sigmoid(h[chaser] - h[leader]).detach()
+    push = torch.sigmoid(hc[chaser] - hc[leader]).detach()
     assert push.sub(0.5).abs().max() > 5e-3  # the modules differ: swapping the roles would change the push
-    surrogate = sum((-(torch.sigmoid(-h[m]) + alpha * push) / b).detach().mul(h[m]).sum() for m in MODULES)
+    surrogate = sum((-torch.sigmoid(-h[m]) / b).detach().mul(h[m]).sum()
+                    + (-alpha * push / b).mul(hc[m]).sum() for m in MODULES)
     surrogate.backward()
     for m in MODULES:
         for a, e in zip(got[m], (p.grad for p in pair.parameters(m))):
@@ -341,3 +346,20 @@ def test_best_val_fast_measures_the_fast_module_while_the_slow_one_leads(tiny_mo
     run.state["step"] = 2
     run.evaluate()
     assert run.state["ofs_best_fast"] == {"step": 1, "loss": 0.5}
+
+
+def test_the_modules_train_at_their_own_rates_from_their_own_starts(tiny_model_dir, data, tmp_path):
+    """fast at train.lr, slow at train.lr × ofs.slow_lr_ratio, both with train.weight_decay; ofs.init_same=false
+    starts the modules from different A (B = 0 in both: still the reference's function)."""
+    run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "r", "ofs.slow_lr_ratio=0.25", "train.weight_decay=0.05",
+                              "ofs.init_same=false"))
+    fast = {id(p) for p in run.param.parameters("fast")}
+    groups = {("fast" if all(id(p) in fast for p in g["params"]) else "slow"): g for g in run.optimizer.param_groups}
+    assert groups["fast"]["initial_lr"] == 5e-3 and groups["slow"]["initial_lr"] == pytest.approx(5e-3 * 0.25)
+    assert groups["fast"]["weight_decay"] == groups["slow"]["weight_decay"] == 0.05
+    layer = next(iter(run.param.pair.layers.values()))
+    assert not torch.equal(layer.lora_A["fast"], layer.lora_A["slow"])
+    assert not layer.lora_B["fast"].any() and not layer.lora_B["slow"].any()
+    same = TrainingRun(_config(tiny_model_dir, data, tmp_path / "s"))
+    layer = next(iter(same.param.pair.layers.values()))
+    assert torch.equal(layer.lora_A["fast"], layer.lora_A["slow"])
