@@ -78,6 +78,8 @@ class TwoLoraLinear(nn.Module):
             return y
         if mode in MODULES:
             return y + self.delta(mode, x)
+        if mode != "split":
+            raise ValueError(f"route mode {mode!r}: expected off, fast, slow or split")
         # both modules as one LoRA of rank 2r whose halves are masked per row: two small GEMMs over all rows
         # and a single add, instead of per-half products joined by a copy (cat) of the full-width output
         a = torch.cat([self.lora_A["fast"], self.lora_A["slow"]], dim=0)  # (2r, in)

@@ -43,6 +43,9 @@ def test_reference_is_the_base_and_both_modules_start_there(tokenizer, batch):
     assert all(torch.equal(layer.lora_A["fast"], layer.lora_A["slow"]) for layer in pair.layers.values())
     trainable = [p for p in pair.model.parameters() if p.requires_grad]
     assert len(trainable) == 4 * len(pair.layers)
+    with pytest.raises(ValueError, match="route mode 'both': expected off, fast, slow or split"), \
+            torch.no_grad(), pair.routed("both") as model:
+        SequenceScorer(model)(**batch.scorer_inputs())
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
