@@ -111,25 +111,28 @@ def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path, monkeypa
         TrainingRun(_config(tiny_model_dir, data, tmp_path / "c"))
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, True, "checkpointing"])
 @pytest.mark.parametrize("leader", ["fast", "slow"])
-@pytest.mark.parametrize("objective", ["sigmoid", "flex-mean", "sigmoid-ofs-beta"])
+@pytest.mark.parametrize("objective", ["sigmoid", "flex-mean", "sigmoid-ofs-beta", "sigmoid-gap-clamp"])
 def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, tmp_path, fused, leader, objective):
     """The gradient of one OFS step on each module equals that of Σ_i w_k,i·h_k,i with the spec's weights
     ∂loss/∂h_k = −[σ(−h_k) + α·σ(h_S − h_F)]/n (F the leader, S the chaser): both modules are pushed towards larger
     margins by the gap term. A flipped sign of the chasing term in the step (the modules fleeing each other) or the
     roles swapped inside it changes these weights. The margins h are the objective's own reward margins: β·h for
     DPO, β⁺ρ⁺ − β⁻ρ⁻ for Flex-DPO, per token under ``logp_normalize: mean``; with ``ofs.beta`` the chasing
-    term's margins take that β while the DPO terms keep the objective's."""
+    term's margins take that β while the DPO terms keep the objective's; a gap beyond ``ofs.gap_clamp`` pushes
+    nothing. A fused forward's recomputation under gradient checkpointing routes its rows as the forward did."""
     from preflab.ofs.pair import MODULES
 
     alpha, (beta_c, beta_r) = 0.5, (0.4, 0.2) if objective == "flex-mean" else (0.1, 0.1)
     chase_beta = (0.3, 0.3) if objective == "sigmoid-ofs-beta" else (beta_c, beta_r)
-    extra = {"sigmoid": [], "sigmoid-ofs-beta": ["ofs.beta=0.3"],
+    extra = {"sigmoid": [], "sigmoid-ofs-beta": ["ofs.beta=0.3"], "sigmoid-gap-clamp": ["ofs.gap_clamp=1e-6"],
              "flex-mean": ["loss.name=flex", "loss.beta_chosen=0.4", "loss.beta_rejected=0.2",
                            "loss.logp_normalize=mean"]}[objective]
+    if fused == "checkpointing":
+        extra += ["train.gradient_checkpointing=true"]
     run = TrainingRun(_config(tiny_model_dir, data, tmp_path / "run", f"ofs.alpha={alpha}",
-                              f"ofs.fused_forward={fused}", *extra))
+                              f"ofs.fused_forward={bool(fused)}", *extra))
     pair = run.param.pair
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move the modules off the reference, apart from each other: margins and gap ≠ 0
@@ -141,6 +144,8 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
     run.micro_step(indices, len(indices), sync=True, scale=1.0)
     got = {m: [p.grad.clone() for p in pair.parameters(m)] for m in MODULES}
     run.optimizer.zero_grad(set_to_none=True)
+    if fused == "checkpointing":  # (the expected gradient below: separate forwards, nothing recomputed)
+        run.param.model.gradient_checkpointing_disable()
 
     batch = run.collate(indices)
     ref = run.reference_logps(indices, batch)
@@ -154,6 +159,13 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
     chaser = "slow" if leader == "fast" else "fast"
     push = torch.sigmoid(hc[chaser] - hc[leader]).detach()
     assert push.sub(0.5).abs().max() > 5e-3  # the modules differ: swapping the roles would change the push
+    with torch.no_grad():
+        step = run.program.forward(run, batch, ref)
+    torch.testing.assert_close(step.metrics["ofs/push"], push, rtol=1e-4, atol=1e-6)  # σ(h_S − h_F), per pair
+    assert step.shown() == pytest.approx(step.loss_sum.item())  # what a non-finite loss is reported as
+    if objective == "sigmoid-gap-clamp":  # every |gap| is beyond the clamp: the chasing term's gradient is 0
+        assert (hc[leader] - hc[chaser]).abs().min() > 1e-6
+        push = torch.zeros_like(push)
     surrogate = sum((-torch.sigmoid(-h[m]) / b).detach().mul(h[m]).sum()
                     + (-alpha * push / b).mul(hc[m]).sum() for m in MODULES)
     surrogate.backward()
