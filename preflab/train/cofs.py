@@ -83,8 +83,11 @@ class CofsSettings:
     combine: str = field(default="auto", metadata={"choices": ("auto", "factors", "dense")})
 
     def __post_init__(self) -> None:
-        if self.buffer_size < 1 or self.grid_max_domains < 1 or self.pgd_steps < 1 or self.pgd_lr <= 0:
-            raise ValueError("buffer_size, grid_max_domains, pgd_steps: must be >= 1 and pgd_lr > 0")
+        for name in ("buffer_size", "grid_max_domains", "pgd_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.pgd_lr <= 0:
+            raise ValueError(f"pgd_lr: must be > 0, got {self.pgd_lr}")
         n = round(1 / self.grid_step) if self.grid_step > 0 else 0
         if n < 1 or abs(n * self.grid_step - 1) > 1e-9:
             raise ValueError(f"grid_step: must divide 1 (0.1, 0.25, 0.5, ...), got {self.grid_step}")

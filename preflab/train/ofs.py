@@ -59,11 +59,14 @@ class OfsSettings:
     fused_forward: bool = False
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.slow_lr_ratio <= 0 or self.swap_interval < 1:
-            raise ValueError(f"alpha >= 0, slow_lr_ratio > 0 and swap_interval >= 1 needed, got {self.alpha}, "
-                             f"{self.slow_lr_ratio}, {self.swap_interval}")
-        if self.gap_clamp is not None and self.gap_clamp <= 0:
-            raise ValueError(f"gap_clamp: must be > 0 or null, got {self.gap_clamp}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha: must be >= 0, got {self.alpha}")
+        if self.swap_interval < 1:
+            raise ValueError(f"swap_interval: must be >= 1, got {self.swap_interval}")
+        for name in ("slow_lr_ratio", "beta", "gap_clamp"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be > 0{'' if name == 'slow_lr_ratio' else ' or null'}, got {value}")
 
 
 class OfsProgram(StepProgram):
