@@ -113,12 +113,16 @@ def test_dense_state_keeps_floating_tensors_as_fp32_copies(tokenizer):
 
 
 def test_extrapolate_in_fp32_and_names_a_missing_anchor():
-    new, prev = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}, {"w": torch.tensor([0.5, 2.5])}
-    out = extrapolate(new, prev, 0.5)
-    assert out["w"].dtype == torch.float32 and out["w"].tolist() == [1.25, 1.75]
+    new = {"w": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)}
+    for prev in ({"w": torch.tensor([0.5, 2.5])}, {"w": torch.tensor([0.5, 2.5], dtype=torch.bfloat16)}):
+        out = extrapolate(new, prev, 0.5)
+        assert out["w"].dtype == torch.float32 and out["w"].tolist() == [1.25, 1.75]
     assert extrapolate(new, prev, 0.0) is new
     with pytest.raises(ValueError, match=r"^extrapolation anchor lacks tensors \['w'\]"):
         extrapolate(new, {}, 0.5)
+    many = {name: torch.zeros(1) for name in "abcd"}
+    with pytest.raises(ValueError, match=r"^extrapolation anchor lacks tensors \['a', 'b', 'c'\]: the two models"):
+        extrapolate(many, {}, 0.5)  # the first three named
 
 
 def test_copy_dir_atomically_replaces_what_was_there(tmp_path):
@@ -133,10 +137,11 @@ def test_copy_dir_atomically_replaces_what_was_there(tmp_path):
 
 
 def test_start_model_and_base(tiny_model_dir, tmp_path):
-    run = ApoRun(_cfg(tiny_model_dir, tmp_path / "r", "apo.alpha=0.3"))
+    run = ApoRun(_cfg(tiny_model_dir, tmp_path / "r", "apo.alpha=0.3", "model.attn_implementation=eager"))
     assert run.start_model(0) == str(tiny_model_dir)
     assert run.start_model(1) == str(tmp_path / "r" / "iter-1" / "extrapolated")
     plain = ApoRun(_cfg(tiny_model_dir, tmp_path / "p", "apo.alpha=0"))
     assert plain.start_model(1) == str(tmp_path / "p" / "iter-1" / "policy")
     base = run.base()
     assert base is run.base() and not base.training and not any(p.requires_grad for p in base.parameters())
+    assert base.config._attn_implementation == "eager"  # the run's model settings
