@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, sentiment_rows, write_jsonl
 
 from preflab.config import load_config
 from preflab.data.dataset import load_pairs
@@ -31,8 +31,9 @@ def _cfg(model, out, *extra):
 def run_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("apo-records") / "apo"
     start = time.perf_counter()
+    held_out = write_jsonl(out.parent / "held_out.jsonl", sentiment_rows(4))
     train(_cfg(tiny_model_dir, out, "apo.alpha=0.3", "apo.return_extrapolated=true", "apo.eval_extrapolated=true",
-               "eval.task=concision", "eval.num_prompts=4", "eval.max_new_tokens=6"))
+               "eval.task=concision", "eval.num_prompts=4", "eval.max_new_tokens=6", f"data.eval={held_out}"))
     (out / "test-wall-seconds").write_text(str(time.perf_counter() - start))
     return out
 
@@ -71,6 +72,8 @@ def test_each_record_is_its_iterations_pairs_and_models(run_dir, tiny_model_dir,
         wall = float((run_dir / "test-wall-seconds").read_text())
         times = [r[key] for key in ("time/generation_seconds", "time/training_seconds", "time/eval_seconds")]
         assert all(x >= 0 for x in times) and sum(times) <= wall + 0.05  # each a part of the run's own time
+        after = json.loads((it / "train" / "eval.json").read_text())["after"]  # the iteration's held-out pairs
+        assert after and all(r[f"eval/{k}"] == v for k, v in after.items())
         evaluation = json.loads((it / "eval.json").read_text())
         assert r["gold/reward"] == evaluation["policy"]["gold/reward"]
         assert r["gold_extrapolated/reward"] == evaluation["extrapolated"]["gold/reward"]
