@@ -117,6 +117,10 @@ def test_dense_state_keeps_floating_tensors_as_fp32_copies(tokenizer):
     key = next(iter(state))
     state[key].add_(1)  # a copy: the model is untouched
     assert not torch.equal(state[key], model.state_dict()[key].float())
+    fp32 = make_tiny_model(tokenizer)
+    state = dense_state(fp32)
+    state[key].add_(1)  # a copy also where no conversion is needed
+    assert not torch.equal(state[key], fp32.state_dict()[key])
 
 
 def test_extrapolate_in_fp32_and_names_a_missing_anchor():
@@ -152,3 +156,39 @@ def test_start_model_and_base(tiny_model_dir, tmp_path):
     base = run.base()
     assert base is run.base() and not base.training and not any(p.requires_grad for p in base.parameters())
     assert base.config._attn_implementation == "eager"  # the run's model settings
+
+
+def test_an_iteration_trains_its_pairs_from_its_start_model(tiny_model_dir, tmp_path):
+    """The inner run of iteration t: its own directory (resumable whatever the outer run's resume), the start model
+    θ_t, the iteration's pairs, apo.epochs_per_iteration, no generation eval of its own (the driver's is against θ_0),
+    the inner schedule."""
+    run = ApoRun(_cfg(tiny_model_dir, tmp_path / "r", "apo.alpha=0.3", "apo.epochs_per_iteration=2.5",
+                      "eval.task=concision", "resume=never"))
+    inner = run.inner_config(1, tmp_path / "pairs.jsonl")
+    assert inner.resume == "auto" and inner.output_dir == str(tmp_path / "r" / "iter-2" / "train")
+    assert inner.model.name == run.start_model(1) and inner.data.train == str(tmp_path / "pairs.jsonl")
+    assert inner.train.epochs == 2.5 and inner.train.max_steps == 2 and inner.eval.task is None
+    assert inner.schedule == "offline" and run.config.eval.task == "concision"
+
+
+def test_an_iteration_samples_its_own_prompt_slice_with_its_own_seed(tiny_model_dir, tmp_path, monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def build_pairs(cfg, out, **kwargs):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr("preflab.train.apo.build_pairs", build_pairs)
+    run = ApoRun(_cfg(tiny_model_dir, tmp_path / "r", "seed=7", "apo.iterations=3", "apo.alpha=0.3",
+                      "apo.temperature=0.5", "apo.top_p=0.8", "apo.min_score_gap=0.25", "apo.reward=concision"))
+    with pytest.raises(Stop):
+        run.sample_pairs(2)
+    cfg = seen[0]
+    assert (cfg.task, cfg.split, cfg.model, cfg.num_prompts, cfg.offset) == (
+        "concision", "train", run.start_model(2), 6, 12)  # disjoint slices: iteration 3 takes prompts 12..17
+    assert (cfg.k, cfg.min_gap, cfg.batch_prompts, cfg.seed, cfg.sample_seed, cfg.reward) == (
+        4, 0.25, 6, 7, 7002, "concision")
+    assert (cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p) == (10, 0.5, 0.8)
