@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of the method modules (mutmut 3, fast tests on tiny models only). Not part of .ci/run: the
-# whole run takes about an hour on 2 cores (the README's section on tests has the last table).
+# whole run takes several hours on 2 cores the first time (the README's section on tests has the last table).
 #
 #   tools/mutation.sh                 # every group, then the report
 #   tools/mutation.sh merging ropo    # some groups (tools/mutation.py groups lists them), then the report
