@@ -238,8 +238,8 @@ class ApoRun:
         result = run.run()
         t_train = time.perf_counter() - t0
         if self.main:  # the others wait: the KL estimate, the evaluation and the extrapolation are not sharded yet
-            self.finish_iteration(t, run, result, stats, {"time/generation_seconds": round(t_gen, 2),
-                                                          "time/training_seconds": round(t_train, 2)}, steps_before)
+            self.finish_iteration(t, run, result, stats, {"time/generation_seconds": t_gen,
+                                                          "time/training_seconds": t_train}, steps_before)
         del run
         gc.collect()
         self.processes.wait_for_everyone()
@@ -280,7 +280,7 @@ class ApoRun:
                   "apo/score_best": stats["score_chosen"]["mean"], "apo/score_worst": stats["score_rejected"]["mean"],
                   "apo/score_gap": stats["score_gap"]["mean"], "apo/extrap_norm": extrap_norm,
                   "apo/kl_to_prev": kl_prev, "apo/train_steps": result.steps,
-                  **times, "time/eval_seconds": round(t_eval, 2)}
+                  **times, "time/eval_seconds": t_eval}
         if result.after:
             record.update({f"eval/{k}": v for k, v in result.after.items()})
         for tag, ev in (("gold", evaluation), ("gold_extrapolated", evaluation_x)):
