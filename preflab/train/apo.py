@@ -299,7 +299,8 @@ class ApoRun:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             done = [t for t in range(self.ac.iterations) if (self.iteration_dir(t) / "done.json").is_file()]
-            record_config(self.config, self.run_dir, f"iter-{len(done) + 1}" if done else None)
+            # (a config.yaml there means a resumed run, also one stopped inside its first iteration)
+            record_config(self.config, self.run_dir, f"iter-{len(done) + 1}")
         self.processes.wait_for_everyone()
         records: list[dict] = []
         for t in range(self.ac.iterations):

@@ -123,8 +123,12 @@ def test_interrupted_run_skips_finished_iterations(tiny_model_dir, tmp_path, mon
         original_init(self, config)
 
     monkeypatch.setattr(TrainingRun, "__init__", counted_init)
-    train(_cfg(tiny_model_dir, tmp_path / "resumed", *extra))
+    train(_cfg(tiny_model_dir, tmp_path / "resumed", *extra, "train.save_total_limit=7"))  # a changed setting
     assert inits == [str(tmp_path / "resumed" / "iter-2" / "train")]  # iteration 1 was not redone
+    kept = tmp_path / "resumed" / "config.before-iter-2.yaml"  # the config the run started with, named by iteration
+    assert "save_total_limit: 7" not in kept.read_text()
+    assert "save_total_limit: 7" in (tmp_path / "resumed" / "config.yaml").read_text()
+    assert not list((tmp_path / "straight").glob("config.before-*"))
     assert (tmp_path / "resumed" / "iter-1" / "done.json").read_text() == done_before
     assert _equal(_weights(tmp_path / "straight" / "final"), _weights(tmp_path / "resumed" / "final"))
     ckpt = max((tmp_path / "resumed" / "iter-2" / "train" / "checkpoints").iterdir())
