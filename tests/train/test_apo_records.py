@@ -77,9 +77,8 @@ def test_each_record_is_its_iterations_pairs_and_models(run_dir, tiny_model_dir,
         evaluation = json.loads((it / "eval.json").read_text())
         assert r["gold/reward"] == evaluation["policy"]["gold/reward"]
         assert r["gold_extrapolated/reward"] == evaluation["extrapolated"]["gold/reward"]
-
-
-def test_return_extrapolated_returns_the_last_extrapolated_model(run_dir):
+    # apo.return_extrapolated: final/ is the last extrapolated model (the checks share the fixture's run: mutation
+    # testing credits a module fixture's run to the first test that uses it)
     final = dense_state(load_model(str(run_dir / "final")))
     last = dense_state(load_model(str(run_dir / "iter-2" / "extrapolated")))
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
@@ -101,6 +100,7 @@ def test_prompt_slices(tiny_model_dir, tmp_path, schedule):
         assert offsets == [0, 6] and not prompts[0] & prompts[1]
     else:
         assert offsets == [0, 0] and prompts[0] & prompts[1]
+
 
 
 def test_no_pair_in_an_iteration_stops_with_what_to_change(tiny_model_dir, tmp_path):
