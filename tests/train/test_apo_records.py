@@ -32,9 +32,12 @@ def run_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("apo-records") / "apo"
     start = time.perf_counter()
     held_out = write_jsonl(out.parent / "held_out.jsonl", sentiment_rows(4))
-    train(_cfg(tiny_model_dir, out, "apo.alpha=0.3", "apo.return_extrapolated=true", "apo.eval_extrapolated=true",
-               "eval.task=concision", "eval.num_prompts=4", "eval.max_new_tokens=6", f"data.eval={held_out}"))
+    result = train(_cfg(tiny_model_dir, out, "apo.alpha=0.3", "apo.return_extrapolated=true",
+                        "apo.eval_extrapolated=true", "eval.task=concision", "eval.num_prompts=4",
+                        "eval.max_new_tokens=6", f"data.eval={held_out}"))
     (out / "test-wall-seconds").write_text(str(time.perf_counter() - start))
+    (out / "test-result.json").write_text(json.dumps({k: getattr(result, k) for k in
+                                                      ("steps", "seconds", "before", "after", "generation")}))
     return out
 
 
@@ -77,6 +80,13 @@ def test_each_record_is_its_iterations_pairs_and_models(run_dir, tiny_model_dir,
         evaluation = json.loads((it / "eval.json").read_text())
         assert r["gold/reward"] == evaluation["policy"]["gold/reward"]
         assert r["gold_extrapolated/reward"] == evaluation["extrapolated"]["gold/reward"]
+    # what train() returns: the first iteration's "before", the last one's "after" and generation eval
+    result = json.loads((run_dir / "test-result.json").read_text())
+    assert result["steps"] == 4 and result["seconds"] == pytest.approx(sum(r["time/training_seconds"] for r in records))
+    first, last_train = (json.loads((run_dir / f"iter-{t}" / "train" / "eval.json").read_text()) for t in (1, 2))
+    assert result["before"] == first["before"] and result["after"] == last_train["after"] and result["after"]
+    assert result["before"] != json.loads((run_dir / "iter-2" / "train" / "eval.json").read_text())["before"]
+    assert result["generation"] == json.loads((run_dir / "iter-2" / "eval.json").read_text())["policy"]
     # apo.return_extrapolated: final/ is the last extrapolated model (the checks share the fixture's run: mutation
     # testing credits a module fixture's run to the first test that uses it)
     final = dense_state(load_model(str(run_dir / "final")))
