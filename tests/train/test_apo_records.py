@@ -29,9 +29,9 @@ def _cfg(model, out, *extra):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("apo-records") / "apo"
+    out = tmp_path_factory.mktemp("apo-records") / "runs" / "apo"  # (its parent made by the run too)
     start = time.perf_counter()
-    held_out = write_jsonl(out.parent / "held_out.jsonl", sentiment_rows(4))
+    held_out = write_jsonl(out.parent.parent / "held_out.jsonl", sentiment_rows(4))
     result = train(_cfg(tiny_model_dir, out, "apo.alpha=0.3", "apo.return_extrapolated=true",
                         "apo.eval_extrapolated=true", "eval.task=concision", "eval.num_prompts=4",
                         "eval.max_new_tokens=6", f"data.eval={held_out}"))
