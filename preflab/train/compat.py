@@ -47,7 +47,8 @@ def _uses_ofs(config: Config) -> bool:
             or (config.schedule == "cofs" and config.cofs.arm in ("cofs", "sequential_ofs")))
 
 
-def _init_adapter(config: Config) -> str | None:
+def continued_adapter(config: Config) -> str | None:
+    """The saved adapter the policy continues training (``parametrization.init_adapter``; LoRA and DoRA only)."""
     return getattr(config.parametrization.params, "init_adapter", None)
 
 
@@ -110,13 +111,13 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal("optimizer × parametrization", "OnDARE, OnTIES (adapter_mode adapter_space) × a policy that continues "
             "no adapter", "τ = φ_SFT − φ_init is taken over the SFT adapter the run continues training",
             lambda c, e: c.optim.name != "adamw" and c.optim.params.adapter_mode == "adapter_space"
-            and _init_adapter(c) is None,
+            and continued_adapter(c) is None,
             lambda c, e: f"optim: {c.optim.name} with adapter_mode adapter_space continues training the SFT adapter: "
                          "set parametrization.kind=lora (or dora) with parametrization.init_adapter=<the SFT adapter "
                          "directory>"),
     Refusal("schedule × parametrization", "every schedule but offline × parametrization.init_adapter",
             "not built yet: OFS's two modules, APO's iterations and COFS's stages start their own modules",
-            lambda c, e: c.schedule != "offline" and _init_adapter(c) is not None,
+            lambda c, e: c.schedule != "offline" and continued_adapter(c) is not None,
             lambda c, e: f"parametrization.init_adapter: schedule {c.schedule} does not continue a saved adapter (only "
                          "the offline schedule does); remove parametrization.init_adapter"),
     Refusal("schedule × objective", "OFS × reference-free objectives",

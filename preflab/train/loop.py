@@ -33,7 +33,7 @@ from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
 from ..optim import OptimizerInputs, build_optimizer
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, rng_state, set_rng_state
-from .compat import check_compatible
+from .compat import check_compatible, continued_adapter
 from .engine import make_engine
 from .evaluation import Evaluation
 from .metrics import MetricAccumulator, MetricsWriter
@@ -108,7 +108,7 @@ class TrainingRun:
         oc, tc = self.config.optim, self.config.train
         inputs = OptimizerInputs(self.program.param_groups(self.param), tc.lr, tc.adam_betas,
                                  self.param.trainable_parameters(), self.config.model.name,
-                                 getattr(self.config.parametrization.params, "init_adapter", None))
+                                 continued_adapter(self.config))
         try:
             return build_optimizer(oc.name, oc.params, inputs)
         except ValueError as e:
