@@ -57,9 +57,27 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     path, overrides = _config_args(args.args)
     config = load_config(path, overrides)
-    result = train(config)
+    try:
+        result = train(config)
+    except BaseException:
+        _leave_process_group(wait=False)
+        raise
+    _leave_process_group(wait=True)
     if int(os.environ.get("RANK", "0")) == 0:  # under DDP, the main process speaks for all
         _print_summary(result)
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Under several processes, every one waits for the others (the main one may still be writing ``final/``) and
+    they leave the process group together: a process that exits while the others still talk to it over gloo can
+    abort (``terminate called without an active exception``). After an error (``wait`` false) nobody waits."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def cmd_config(args: argparse.Namespace) -> None:

@@ -345,7 +345,7 @@ class TrainingRun:
         if main:
             policy.save_final(self.run_dir / "final")
             self.tokenizer.save_pretrained(self.run_dir / "final")
-        if tc.report_to:
-            engine.accelerator.end_training()
+        for tracker in engine.accelerator.trackers:  # (not end_training: the process group outlives one run)
+            tracker.finish()
         return RunResult(self.run_dir, self.state["step"], self.state["seconds"], self.eval_record["before"],
                          self.eval_record["after"], self.eval_record.get("generation", {}).get(self.config.eval.task))
