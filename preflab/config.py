@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, arg, path)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
     if origin is tuple:
         args = typing.get_args(tp)
@@ -178,14 +179,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 pass
         raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads "1e-4" as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{path}: expected a number, got {_show(value)}")
+        if number is not None and math.isfinite(number):  # nan or inf is no setting (null is "none" where allowed)
+            return number
+        raise ConfigError(f"{path}: expected a {'finite ' if number is not None else ''}number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -331,12 +335,29 @@ def _index(node: list, key: str, where: str) -> int:
     return int(key)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice (plain YAML keeps the last: a second ``train:`` block would
+    silently drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be given again
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice (first on line "
+                                                        f"{lines[key]})", key_node.start_mark)
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
     except UnicodeDecodeError as e:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from preflab.config import ConfigError, dump_config, load_config
+from preflab.config import ConfigError, dump_config, load_config, load_yaml
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -41,6 +41,11 @@ def test_loss_list_and_indexed_override(tmp_path):
     ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing: expected true or false"),
     ("data.max_prompt_length=600", "data.max_prompt_length: must be in"),
     ("train.lr.x=1", "train.lr: expected a number"),
+    ("train.lr=nan", "train.lr: expected a finite number, got 'nan'"),  # AdamW would crash on it, inf at step 2
+    ("train.lr=.inf", "train.lr: expected a finite number, got inf"),
+    ("loss.beta=-.inf", "loss.beta: expected a finite number"),
+    ("train.max_grad_norm=inf", "train.max_grad_norm: expected a finite number"),  # (null: no clipping)
+    ("train.max_grad_norm=abc", "train.max_grad_norm: expected a number, got 'abc'"),  # (an optional number)
     ("noequals", "expected key.sub=value"),
     ("optim.reserve_p=0.1", r"optim.reserve_p: unknown key; this section has none \(no settings of its own: .* train"),
 ])
@@ -55,6 +60,16 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    # a section (or a key) given twice: plain YAML would keep the last one and drop the first silently
+    (tmp_path / "twice.yaml").write_text("train:\n  lr: 1.0e-4\nloss:\n  beta: 0.2\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice.yaml: not valid YAML: .*key 'train' "
+                                          r"appears twice \(first on line 1\).*line 5"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "inner.yaml").write_text("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n")
+    with pytest.raises(ConfigError, match="key 'lr' appears twice"):
+        load_config(tmp_path / "inner.yaml")
+    (tmp_path / "anchors.yaml").write_text("base: &b {lr: 1.0e-4, max_steps: 2}\ntrain: {<<: *b, lr: 2.0e-4}\n")
+    assert load_yaml(tmp_path / "anchors.yaml")["train"] == {"lr": 2.0e-4, "max_steps": 2}  # a merge key overridden
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(tmp_path / "list.yaml")

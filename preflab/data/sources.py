@@ -107,7 +107,14 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             for number, record in enumerate(reader, start=1):
-                yield RawRow(f"{path} row {number}", {k: _maybe_messages(v) for k, v in record.items()})
+                where = f"{path} row {number}"
+                extra = record.pop(None, None)  # cells past the header's (an unquoted comma shifts the columns)
+                if extra is not None or None in record.values():
+                    cells = len(reader.fieldnames) + len(extra or []) - list(record.values()).count(None)
+                    yield RawRow(where, None, f"{cells} cells under a header of {len(reader.fieldnames)} (line "
+                                              f"{reader.line_num}; a cell holding a comma must be quoted)")
+                    continue
+                yield RawRow(where, {k: _maybe_messages(v) for k, v in record.items()})
     except UnicodeDecodeError as e:
         raise DataSourceError(f"data file {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except csv.Error as e:

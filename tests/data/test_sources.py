@@ -55,6 +55,18 @@ def test_csv_cells_holding_chat_messages_are_decoded(tmp_path, tokenizer):
     assert pairs == ref
 
 
+def test_a_csv_row_with_more_or_fewer_cells_than_the_header_is_a_row_error(tmp_path, tokenizer):
+    # an unquoted comma in a field shifts the columns: the row must not be trained on, even read loosely
+    path = tmp_path / "shifted.csv"
+    path.write_text("prompt,chosen,rejected\nReview 1,Good,Bad\nReview 2,Lovely, really good,Awful\n"
+                    "Review 3,Fine\nReview 4,Nice,Poor\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"shifted.csv row 2: .*4 cells under a header of 3 \(line 3"):
+        load_pairs(str(path), "train", PairTokenizer(tokenizer))
+    pairs, report = load_pairs(str(path), "train", PairTokenizer(tokenizer), on_error="skip")
+    assert report.rows == 4 and report.kept == len(pairs) == 2
+    assert "row 3: field '<row>': 2 cells under a header of 3" in " ".join(report.examples)
+
+
 def _dirty_file(tmp_path):
     path = tmp_path / "dirty.jsonl"
     lines = [json.dumps(ROWS[0]).encode(), b"{not json", json.dumps({"prompt": "Q", "chosen": "a"}).encode(),
