@@ -1,9 +1,9 @@
 """The run configuration: YAML, then dotted command-line overrides, then a typed tree.
 
-``preflab train configs/dpo.yaml train.lr=1e-4 loss.beta=0.2`` reads the YAML into a plain tree,
-applies each override to it (``a.b.c=value``; list items by index, ``loss.1.weight=0.1``; values parsed
-as YAML), and only then resolves the tree into the dataclasses below. Resolution checks every key, type
-and value before any work starts and raises :class:`ConfigError` naming the key, what was expected and,
+``preflab train configs/dpo.yaml train.lr=1e-4 loss.beta=0.2`` reads the YAML into a plain tree, applies each
+override to it (``a.b.c=value``; list items by index, ``loss.1.weight=0.1``; values parsed as YAML; both in
+:mod:`preflab.config_tree`), and only then resolves the tree into the dataclasses below. Resolution checks every
+key, type and value before any work starts and raises :class:`ConfigError` naming the key, what was expected and,
 for an unknown key, the close matches.
 
 Three sections are *components*, chosen by a name and validated against that choice's own dataclass:
@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from .config_tree import ConfigError, apply_override, load_yaml, parse_override
 from .data.settings import DataConfig, DomainConfig
 from .eval.settings import DiagConfig, GenerationEvalConfig
 from .models.settings import ModelConfig, ScorerConfig
@@ -32,10 +33,6 @@ from .train.settings import TrainConfig
 
 __all__ = ["Component", "Config", "ConfigError", "DataConfig", "DiagConfig", "DomainConfig", "GenerationEvalConfig",
            "ModelConfig", "ScorerConfig", "TrainConfig", "config_changes", "dump_config", "load_config", "resolve"]
-
-
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -293,80 +290,6 @@ def resolve(raw: dict) -> Config:
 
 # ----------------------------------------------------------------------------------------------------------
 # YAML and overrides.
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key.sub=value")
-    key, value = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: malformed key {key!r}")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    return key.split("."), parsed
-
-
-def apply_override(tree: dict, keys: list[str], value: Any) -> None:
-    node: Any = tree
-    for depth, key in enumerate(keys[:-1]):
-        where = ".".join(keys[: depth + 1])
-        if isinstance(node, list):
-            node = node[_index(node, key, where)]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where}: cannot set a sub-key of a {type(node).__name__}")
-        if node.get(key) is None:
-            node[key] = {}
-        node = node[key]
-    last = keys[-1]
-    if isinstance(node, list):
-        node[_index(node, last, ".".join(keys))] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ConfigError(f"{'.'.join(keys[:-1])}: cannot set a sub-key of a {type(node).__name__}")
-
-
-def _index(node: list, key: str, where: str) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"{where}: expected an index in [0, {len(node)}) of a list of {len(node)}")
-    return int(key)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML whose mappings refuse a key given twice (plain YAML keeps the last: a second ``train:`` block would
-    silently drop the first)."""
-
-    def construct_mapping(self, node, deep=False):
-        lines: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be given again
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in lines:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice (first on line "
-                                                        f"{lines[key]})", key_node.start_mark)
-            lines[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(tree).__name__}")
-    return tree
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
