@@ -147,7 +147,7 @@ def fold_into(model: nn.Module, modules: list[dict[str, LoraAtom]], coeffs: list
             weight = model.get_submodule(name).weight
             delta = sum(c * m[name].delta() for m, c in zip(modules, coeffs) if c != 0)
             if isinstance(delta, Tensor):
-                weight += delta.to(weight.device, weight.dtype)
+                weight += delta.to(weight.device)  # summed in fp32, rounded once to the weight's dtype
 
 
 def save_concat_adapter(modules: list[dict[str, LoraAtom]], coeffs: list[float], out_dir: str | Path,

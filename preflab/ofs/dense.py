@@ -91,4 +91,4 @@ def fold_dense(model: nn.Module, modules: list[dict[str, Tensor]], coeffs: list[
             weight = params[name]
             delta = sum(c * m[name] for m, c in zip(modules, coeffs) if c != 0 and name in m)
             if isinstance(delta, Tensor):
-                weight += delta.to(weight.device, weight.dtype)
+                weight += delta.to(weight.device)  # summed in fp32, rounded once to the weight's dtype

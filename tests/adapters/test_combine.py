@@ -45,3 +45,26 @@ def test_simplex_projection_and_grid():
     assert all(sum(w) == pytest.approx(1.0) for w in simplex_grid(3, 0.1))
     with pytest.raises(ValueError, match="divide 1"):
         simplex_grid(2, 0.3)
+
+
+def test_every_weight_zero_gives_rank_zero_factors_and_a_count_mismatch_is_refused():
+    atoms = _atoms()
+    A, B = concat_lora(atoms, [0.0, 0.0, 0.0])
+    assert A.shape == (0, 12) and B.shape == (10, 0)
+    assert A.dtype == B.dtype == torch.float64
+    assert torch.equal(B @ A, torch.zeros(10, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="3 modules but 2 weights"):
+        concat_lora(atoms, [0.5, 0.5])
+
+
+def test_naive_factor_average_by_hand():
+    """A = ½(A₁ + A₂) = [[½, ½], [½, ½]]; B = ½·1·B₁ + ½·2·I = [[3/2, 1], [3/2, 3]]; B·A = [[5/4, 5/4], [9/4, 9/4]],
+    while the exact ½ΔW₁ + ½ΔW₂ = ½B₁ + I·A₂ = [[½, 1], [3/2, 2]] + [[0, 1], [1, 0]]."""
+    eye = torch.eye(2, dtype=torch.float64)
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    b1 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    atoms = [LoraAtom(eye, b1, 1.0), LoraAtom(swap, eye, 2.0)]
+    torch.testing.assert_close(naive_factor_average(atoms, [0.5, 0.5]),
+                               torch.tensor([[1.25, 1.25], [2.25, 2.25]], dtype=torch.float64), atol=1e-12, rtol=0)
+    A, B = concat_lora(atoms, [0.5, 0.5])
+    torch.testing.assert_close(B @ A, torch.tensor([[0.5, 2.0], [2.5, 2.0]], dtype=torch.float64), atol=1e-12, rtol=0)

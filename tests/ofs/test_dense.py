@@ -55,3 +55,59 @@ def test_mixture_equals_folding_differentiates_and_keeps_tied_weights_tied(token
     assert torch.equal(live.lm_head.weight, live.model.embed_tokens.weight)  # the head sees the mixed embedding
     got.sum().backward()
     assert c.grad is not None and torch.isfinite(c.grad).all() and c.grad.abs().sum() > 0
+
+
+def test_modules_changing_different_tensors_combine_in_the_model_dtype(tokenizer):
+    """Module 1 moves q_proj, module 2 v_proj: each is absent from the other's delta; weight 1 is a weight like any
+    other; in bf16 the mixture and the folded weights stay in bf16 and agree."""
+    base = make_tiny_model(tokenizer, seed=1)
+    q, v = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"
+    deltas = [dense_delta(_moved(base, 2, (q,)), base), dense_delta(_moved(base, 3, (v,)), base)]
+    assert set(deltas[0]) == {q} and set(deltas[1]) == {v}
+    batch, coeffs = _batch(tokenizer), [1.0, 0.5]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.5)):
+        folded = copy.deepcopy(base).to(dtype)
+        fold_dense(folded, deltas, coeffs)
+        for name, k in ((q, 0), (v, 1)):
+            want = base.get_parameter(name).detach() + coeffs[k] * deltas[k][name]
+            torch.testing.assert_close(folded.get_parameter(name).float(), want, rtol=0,
+                                       atol=1e-7 if dtype == torch.float32 else 2e-2)
+        live = copy.deepcopy(base).to(dtype)
+        mixture = DenseMixture(live, deltas)
+        assert mixture.model is live and not any(p.requires_grad for p in live.parameters())
+        with torch.no_grad():
+            plain = SequenceScorer(copy.deepcopy(base).to(dtype))(**batch.scorer_inputs())[0]
+            torch.testing.assert_close(SequenceScorer(live)(**batch.scorer_inputs())[0], plain, rtol=0, atol=0)
+            mixture.set(torch.tensor(coeffs))
+            assert live.get_submodule(q.rsplit('.', 1)[0]).weight.dtype == dtype
+            torch.testing.assert_close(SequenceScorer(live)(**batch.scorer_inputs())[0],
+                                       SequenceScorer(folded)(**batch.scorer_inputs())[0], rtol=0, atol=tol)
+        assert not any(k.endswith("deltas") for k in live.state_dict())  # the stored modules are no weights
+
+
+def test_a_delta_is_what_changed_in_floating_tensors_both_models_hold(tmp_path):
+    class Net(torch.nn.Module):
+        def __init__(self, extra: bool):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+            self.count = torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+            if extra:
+                self.extra = torch.nn.Parameter(torch.ones(2))
+
+    start, trained = Net(False), Net(True)
+    with torch.no_grad():
+        trained.w[1] = 2.0
+        trained.count += 5
+    delta = dense_delta(trained, start)
+    assert list(delta) == ["w"] and torch.equal(delta["w"], torch.tensor([0.0, 2.0, 0.0]))
+    save_delta(delta, tmp_path / "a" / "b")  # parents made
+    assert torch.equal(read_delta(tmp_path / "a" / "b")["w"], delta["w"])
+    low = Net(False).to(torch.bfloat16)
+    with torch.no_grad():
+        low.w.fill_(1.0)
+    fold_dense(low, [{"w": torch.full((3,), 2 ** -8 + 2 ** -17)}], [1.0])  # rounding the delta first would lose it
+    assert low.w.dtype == torch.bfloat16 and low.w.tolist() == [1.0078125] * 3
+    import pytest
+
+    with pytest.raises(ValueError, match=r"the stored modules change tensors the model does not hold: \['extra'\]"):
+        DenseMixture(Net(False), [{"w": torch.ones(3), "extra": torch.ones(2)}])

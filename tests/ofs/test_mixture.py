@@ -123,3 +123,49 @@ def test_projected_gradient_descent_finds_the_constrained_minimum():
     assert sum(adam.weights) == pytest.approx(1.0) and min(adam.weights) >= 0 and adam.weights[2] == 0
     assert adam.objective < adam.tried[0]["objective"] - 0.5
     assert sgd.objective <= adam.objective
+
+
+def test_an_adapter_directory_is_read_with_its_scale_and_checked(modules, tmp_path):
+    import json
+    import shutil
+
+    base, paths = modules
+    atoms = read_lora_adapter(paths[1])  # r = 2, alpha = 6
+    assert {a.scale for a in atoms.values()} == {3.0} and all(a.A.shape[0] == 2 for a in atoms.values())
+    config = json.loads((paths[1] / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 6.0
+    rs = tmp_path / "rslora"
+    shutil.copytree(paths[1], rs)
+    (rs / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    assert [a.scale for a in read_lora_adapter(rs).values()] == pytest.approx([6 / 2 ** 0.5] * len(atoms))
+    layer = sorted(atoms)[0]
+    assert layer in dict(base.named_modules())  # PEFT's prefix is taken off the layer path
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "adapter_config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, empty / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="no LoRA factors"):
+        read_lora_adapter(empty)
+
+
+def test_the_exported_adapter_config_and_the_refusals(modules, tmp_path):
+    import json
+
+    base, paths = modules
+    atoms = [read_lora_adapter(p) for p in paths]
+    assert save_concat_adapter(atoms, [0.0, 1.0], tmp_path / "c", "some/base") == 2
+    config = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 2 and config["lora_dropout"] == 0.0
+    assert config["base_model_name_or_path"] == "some/base" and config["inference_mode"] is True
+    assert config["use_rslora"] is False and config["peft_type"] == "LORA"
+    assert config["target_modules"] == sorted({n.rsplit(".", 1)[-1] for n in atoms[0]})
+    with pytest.raises(ValueError, match="every combination weight is 0"):
+        save_concat_adapter(atoms, [0.0, 0.0], tmp_path / "z", None)
+    dense = copy.deepcopy(base)
+    fold_into(dense, atoms, [0.0, 0.0])  # nothing to add
+    assert all(torch.equal(p, q) for p, q in zip(dense.parameters(), base.parameters()))
+    other = {**atoms[1]}
+    other.pop(sorted(other)[0])
+    with pytest.raises(ValueError, match="module 2 targets other layers than module 1"):
+        AtomMixture(copy.deepcopy(base), [atoms[0], other])
