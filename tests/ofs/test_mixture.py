@@ -123,6 +123,14 @@ def test_projected_gradient_descent_finds_the_constrained_minimum():
     assert sum(adam.weights) == pytest.approx(1.0) and min(adam.weights) >= 0 and adam.weights[2] == 0
     assert adam.objective < adam.tried[0]["objective"] - 0.5
     assert sgd.objective <= adam.objective
+    assert len(adam.tried) == 51 and adam.objective == min(t["objective"] for t in adam.tried)
+    assert adam.weights != pgd_choice(loss_and_grad, 3, steps=50, lr=0.05, optimizer="sgd").weights  # Adam by default
+
+    def negated(w):  # the same descent, scored by a number to maximize (as accuracy is)
+        return -loss_and_grad(w)
+
+    best = pgd_choice(negated, 3, steps=100, lr=0.1, optimizer="sgd", maximize=True)
+    assert best.weights == pytest.approx((0.55, 0.45, 0.0), abs=1e-6) and best.objective == -sgd.objective
 
 
 def test_an_adapter_directory_is_read_with_its_scale_and_checked(modules, tmp_path):
@@ -169,3 +177,26 @@ def test_the_exported_adapter_config_and_the_refusals(modules, tmp_path):
     other.pop(sorted(other)[0])
     with pytest.raises(ValueError, match="module 2 targets other layers than module 1"):
         AtomMixture(copy.deepcopy(base), [atoms[0], other])
+
+
+def test_the_live_mixture_in_bf16_holds_no_saved_buffers(modules, batch):
+    base, paths = modules
+    atoms = [read_lora_adapter(p) for p in paths]
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    AtomMixture(model, atoms).set(torch.tensor([0.3, 0.7]))
+    assert not any(k.endswith((".A", ".B")) for k in model.state_dict())  # the atoms are no weights of the model
+    dense = copy.deepcopy(base).to(torch.bfloat16)
+    fold_into(dense, atoms, [0.3, 0.7])
+    assert_close(_logps(model, batch), _logps(dense, batch), atol=0.5, rtol=0)
+
+
+def test_a_rank_one_combination_exports(tmp_path):
+    import json
+
+    g = torch.Generator().manual_seed(0)
+    from preflab.ofs.combine import LoraAtom
+
+    layer = "model.layers.0.self_attn.q_proj"
+    module = {layer: LoraAtom(torch.randn(1, 8, generator=g), torch.randn(8, 1, generator=g), 2.0)}
+    assert save_concat_adapter([module, module], [1.0, 0.0], tmp_path / "r1", None) == 1
+    assert json.loads((tmp_path / "r1" / "adapter_config.json").read_text())["r"] == 1

@@ -55,9 +55,13 @@ def test_both_modules_start_at_the_reference_and_share_what_they_do_not_train(to
     for m in ("fast", "slow"):
         with pair.routed(m) as model:
             torch.testing.assert_close(_logps(model, batch), reference, rtol=0, atol=1e-6)
-    fast, slow = (dict(pair.modules[m].model.named_parameters()) for m in ("fast", "slow"))
+    assert pair.resting == "fast" and pair.model.config is pair.modules["fast"].model.config
+    assert type(pair.model.get_base_model()).__name__ == "LlamaForCausalLM"  # what the scorer runs: the causal LM
+    assert pair.count_convention == f"{pair.modules['fast'].count_convention}, both modules"
+    fast, slow = (dict(pair.modules[m].model.named_parameters(remove_duplicate=False)) for m in ("fast", "slow"))
     frozen = [n for n, p in fast.items() if not p.requires_grad]
-    assert all(slow[n] is fast[n] for n in frozen)  # one copy of the base weights
+    assert all(slow[n] is fast[n] for n in frozen)  # one copy of the base weights (a tied one under both names)
+    assert all(torch.equal(p, q) for p, q in zip(pair.parameters("fast"), pair.parameters("slow")))  # init_same
     trained = {id(p) for p in pair.parameters("fast")}
     assert trained and not trained & {id(p) for p in pair.parameters("slow")}
     if kind == "full":
@@ -79,8 +83,9 @@ def test_routing_save_load_and_export_follow_the_modules(tokenizer, batch, kind,
     assert pair.resting == "slow"
     torch.testing.assert_close(_logps(pair.model, batch), slow, rtol=0, atol=0)  # a forward outside a route: resting
     torch.testing.assert_close(_logps(pair.merged_model(), batch), slow, rtol=1e-5, atol=1e-5)
-    pair.save_module("slow", tmp_path / "slow")
-    pair.load_module("fast", tmp_path / "slow")  # the slow module's tensors into the fast slot
+    pair.save_module("slow", tmp_path / "a" / "slow")
+    pair.save_module("slow", tmp_path / "a" / "slow")  # again, over the first
+    pair.load_module("fast", tmp_path / "a" / "slow")  # the slow module's tensors into the fast slot
     with pair.routed("fast") as model:
         torch.testing.assert_close(_logps(model, batch), slow, rtol=0, atol=0)
     with pytest.raises(ValueError, match="runs one module per forward"):
@@ -113,3 +118,14 @@ def test_the_lora_pair_takes_dropout_and_named_targets(tokenizer, batch, tmp_pat
 def _logps_train(model, batch):
     with torch.no_grad():
         return SequenceScorer(model)(**batch.scorer_inputs())[0]
+
+
+def test_a_pair_built_directly_starts_its_modules_alike_unless_told_not_to(tokenizer):
+    from preflab.adapters import parametrization_registry
+
+    pc = load_config(None, KINDS["dora"]).parametrization
+    spec = parametrization_registry()[pc.name]
+    same = ModulePair(make_tiny_model(tokenizer, seed=3), lambda m: spec.build(m, pc.params))
+    assert all(torch.equal(p, q) for p, q in zip(same.parameters("fast"), same.parameters("slow")))
+    apart = ModulePair(make_tiny_model(tokenizer, seed=3), lambda m: spec.build(m, pc.params), init_same=False)
+    assert not all(torch.equal(p, q) for p, q in zip(apart.parameters("fast"), apart.parameters("slow")))

@@ -99,9 +99,48 @@ def test_the_merged_model_is_the_resting_module_folded_in(tokenizer, batch):
     param = FastSlowPair(make_tiny_model(tokenizer, seed=6), r=4, alpha=8)
     _randomize(param.pair, 2)
     param.rest_on("slow")
+    with torch.no_grad():
+        want, _ = SequenceScorer(param.model)(**batch.scorer_inputs())  # outside a route: the resting module
     merged = param.merged_model()
     assert not any(type(m).__name__ == "TwoLoraLinear" for m in merged.modules())
     with torch.no_grad():
-        want, _ = SequenceScorer(param.model)(**batch.scorer_inputs())  # outside a route: the resting module
         got, _ = SequenceScorer(merged)(**batch.scorer_inputs())
+        again, _ = SequenceScorer(param.model)(**batch.scorer_inputs())
     assert_close(got, want, atol=1e-4, rtol=0)
+    assert torch.equal(again, want)  # the pair itself is left as it was (a copy was merged)
+    assert sum(type(m).__name__ == "TwoLoraLinear" for m in param.model.modules()) == len(param.pair.layers)
+
+
+def test_row_masks_follow_the_split_shape_and_dtype_and_their_cache_stays_small():
+    from preflab.ofs.pair import Route
+
+    route = Route(mode="split", split=1)
+    fast, slow = [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]
+    m = route.row_mask(torch.zeros(3, 5, 7), 2)
+    assert m.shape == (3, 1, 4) and m.dtype == torch.float32 and m[:, 0].tolist() == [fast, slow, slow]
+    m = route.row_mask(torch.zeros(4, 5, 7), 2)  # more rows: a new mask, not the cached one
+    assert m.shape == (4, 1, 4) and m[:, 0].tolist() == [fast, slow, slow, slow]
+    route.split = 3
+    assert route.row_mask(torch.zeros(4, 5, 7), 2)[:, 0].tolist() == [fast, fast, fast, slow]
+    m = route.row_mask(torch.zeros(4, 7, dtype=torch.bfloat16), 2)  # 2-D input, bf16
+    assert m.shape == (4, 4) and m.dtype == torch.bfloat16
+    route._masks.clear()
+    for rows in range(1, 66):
+        route.row_mask(torch.zeros(rows, 7), 2)
+    assert len(route._masks) == 65  # at most 65 masks kept
+    route.row_mask(torch.zeros(66, 7), 2)
+    assert len(route._masks) == 1  # the 66th clears the cache
+
+
+def test_duplicated_rows_of_a_padded_batch(tokenizer):
+    pt = PairTokenizer(tokenizer)
+    padded = collate_pairs([pt(normalize_row(r, str(i))) for i, r in enumerate(sentiment_rows(2))],
+                           tokenizer.pad_token_id, "padded")
+    assert padded.position_ids is None
+    twice = duplicate_rows(padded)
+    assert twice.position_ids is None and twice.num_tokens == 2 * padded.num_tokens
+    assert twice.num_sequences == 2 * padded.num_sequences and twice.input_ids.shape[0] == 2 * padded.input_ids.shape[0]
+    s = padded.num_sequences
+    second = twice.target_seq[padded.target_seq.shape[0]:]
+    assert torch.equal(second[padded.target_seq >= 0], padded.target_seq[padded.target_seq >= 0] + s)
+    assert (second[padded.target_seq < 0] == -1).all()
