@@ -52,6 +52,12 @@ def test_without_stop_gradients_the_terms_cancel_and_the_clamp_bounds_the_gap():
     term, _ = chasing_term(h_f, h_s, 0.5, gap_clamp=1.0)
     term.backward()
     assert not h_f.grad.any() and not h_s.grad.any()  # both gaps (7, −3) lie outside ±1: clamped, no gradient
+    grads = []
+    for clamp in (None, 10.0):  # gaps within ±10: the clamp changes nothing
+        h_f.grad, h_s.grad = None, None
+        chasing_term(h_f, h_s, 0.5, gap_clamp=clamp)[0].backward()
+        grads.append((h_f.grad.clone(), h_s.grad.clone()))
+    assert grads[0][0].abs().min() > 0 and all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 def test_roles_change_only_at_window_boundaries_after_the_means_cross():
@@ -67,6 +73,7 @@ def test_roles_change_only_at_window_boundaries_after_the_means_cross():
     assert flips == [False, False, True, False, False, True, False, False, False]
     assert roles.swaps == 2 and roles.chaser == "slow"
 
+    assert not roles.decide() and roles.swaps == 2  # an empty window decides nothing
     restored = RoleState(interval=1)
     roles.add(0.9, 0.1)
     restored.load_state_dict(roles.state_dict())

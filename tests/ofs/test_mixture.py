@@ -104,6 +104,10 @@ def test_the_grid_picks_the_module_better_on_every_pair_and_breaks_ties_to_the_n
     assert choice.weights == (1.0, 0.0) and len(choice.tried) == 11
     assert choice.objective == min(t["objective"] for t in choice.tried)
     assert grid_choice(lambda w: 1.0, 3, 0.5).weights == (0.0, 0.0, 1.0)  # all tied: the newest module
+    assert grid_choice(lambda w: 1.0, 3, 0.5, maximize=True).weights == (0.0, 0.0, 1.0)
+    # tied wherever w₃ < 1: of those, the first with the largest w₃ (0, ¼, ¾), not one with a larger w₂ or a later
+    # one with the same w₃ (¼, 0, ¾)
+    assert grid_choice(lambda w: float(w[2] == 1), 3, 0.25).weights == (0.0, 0.25, 0.75)
     accuracy = grid_choice(lambda w: float(w[1] > 0.35), 2, 0.1, maximize=True)
     assert accuracy.weights == (0.0, 1.0)
 

@@ -144,3 +144,47 @@ def test_duplicated_rows_of_a_padded_batch(tokenizer):
     second = twice.target_seq[padded.target_seq.shape[0]:]
     assert torch.equal(second[padded.target_seq >= 0], padded.target_seq[padded.target_seq >= 0] + s)
     assert (second[padded.target_seq < 0] == -1).all()
+
+
+def test_the_pair_defaults_init_dtype_and_targets(tokenizer, tmp_path):
+    import json
+    import math
+
+    from preflab.ofs.pair import FastSlowPair, Route, TwoLoraLinear, _targets
+
+    base = torch.nn.Linear(64, 8)
+    layer = TwoLoraLinear(base, 4, 8.0, Route())  # defaults: one start for both modules, no dropout
+    assert torch.equal(layer.lora_A["fast"], layer.lora_A["slow"]) and isinstance(layer.dropout, torch.nn.Identity)
+    bound = 1 / math.sqrt(64)  # PEFT's init: Kaiming-uniform with a = √5 gives U(−1/√in, 1/√in)
+    apart = TwoLoraLinear(base, 16, 8.0, Route(), init_same=False)
+    for a in (apart.lora_A["fast"], apart.lora_A["slow"]):
+        assert a.abs().max() <= bound and a.abs().max() > 0.95 * bound
+    assert not torch.equal(apart.lora_A["fast"], apart.lora_A["slow"])
+
+    model = make_tiny_model(tokenizer, seed=6)
+    model.config._name_or_path = "some/tiny-base"
+    lora = FastSlowLora(model.to(torch.bfloat16))  # defaults r = 16, α = 32
+    one = next(iter(lora.layers.values()))
+    assert one.lora_A["fast"].shape[0] == 16 and one.scale == 2.0
+    assert {p.dtype for p in lora.parameters("fast") + lora.parameters("slow")} == {torch.bfloat16}
+    lora.save_adapter("fast", tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "some/tiny-base"
+
+    pair = FastSlowPair(make_tiny_model(tokenizer, seed=6), r=4, alpha=8)
+    assert pair.resting == "fast"
+    assert all(torch.equal(p, q) for p, q in zip(pair.parameters("fast")[::2], pair.parameters("slow")[::2]))
+    with pair.routed("split"):
+        assert pair.pair.route.split == 0
+
+    class Toy(torch.nn.Module):  # a Linear at the top level of the model
+        def __init__(self):
+            super().__init__()
+            self.proj, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    assert _targets(Toy(), ("proj",)) == ["proj"] and _targets(Toy()) == ["proj"]
+    with pytest.raises(ValueError, match=r"target_modules: no nn.Linear named \['nope'\] in LlamaForCausalLM"):
+        _targets(model, ("nope",))
