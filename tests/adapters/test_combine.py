@@ -53,6 +53,8 @@ def test_every_weight_zero_gives_rank_zero_factors_and_a_count_mismatch_is_refus
     assert A.shape == (0, 12) and B.shape == (10, 0)
     assert A.dtype == B.dtype == torch.float64
     assert torch.equal(B @ A, torch.zeros(10, 12, dtype=torch.float64))
+    A, B = concat_lora(atoms[:1], [0.0])  # one module of weight 0
+    assert A.shape == (0, 12) and B.shape == (10, 0)
     with pytest.raises(ValueError, match="3 modules but 2 weights"):
         concat_lora(atoms, [0.5, 0.5])
 

@@ -111,3 +111,5 @@ def test_a_delta_is_what_changed_in_floating_tensors_both_models_hold(tmp_path):
 
     with pytest.raises(ValueError, match=r"the stored modules change tensors the model does not hold: \['extra'\]"):
         DenseMixture(Net(False), [{"w": torch.ones(3), "extra": torch.ones(2)}])
+    with pytest.raises(ValueError, match=r"does not hold: \['a', 'b', 'c'\]$"):  # the first three named
+        DenseMixture(Net(False), [{n: torch.ones(1) for n in "abcd"}])

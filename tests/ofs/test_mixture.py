@@ -56,6 +56,8 @@ def test_unit_weights_give_each_module_and_none_gives_the_base(modules, batch):
     atoms = [read_lora_adapter(p) for p in paths]
     model = copy.deepcopy(base)
     mixture = AtomMixture(model, atoms)
+    assert mixture.model is model and not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(_logps(model, batch), _logps(base, batch))  # before any set: the base
     mixture.set(None)
     assert torch.equal(_logps(model, batch), _logps(base, batch))
     for i, w in enumerate(([1.0, 0.0], [0.0, 1.0])):
@@ -167,12 +169,15 @@ def test_the_exported_adapter_config_and_the_refusals(modules, tmp_path):
     base, paths = modules
     atoms = [read_lora_adapter(p) for p in paths]
     assert save_concat_adapter(atoms, [0.0, 1.0], tmp_path / "c", "some/base") == 2
-    config = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
-    assert config["r"] == config["lora_alpha"] == 2 and config["lora_dropout"] == 0.0
-    assert config["base_model_name_or_path"] == "some/base" and config["inference_mode"] is True
-    assert config["use_rslora"] is False and config["peft_type"] == "LORA"
-    assert config["target_modules"] == sorted({n.rsplit(".", 1)[-1] for n in atoms[0]})
-    with pytest.raises(ValueError, match="every combination weight is 0"):
+    assert save_concat_adapter(atoms, [0.0, 1.0], tmp_path / "c", "some/base") == 2  # again, over the first
+    text = (tmp_path / "c" / "adapter_config.json").read_text()
+    config = json.loads(text)
+    assert text == json.dumps(config, indent=2)
+    assert config == {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 2, "lora_dropout": 0.0,
+                      "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+                      "target_modules": sorted({n.rsplit(".", 1)[-1] for n in atoms[0]}),
+                      "base_model_name_or_path": "some/base", "inference_mode": True}
+    with pytest.raises(ValueError, match="^every combination weight is 0: nothing to export$"):
         save_concat_adapter(atoms, [0.0, 0.0], tmp_path / "z", None)
     dense = copy.deepcopy(base)
     fold_into(dense, atoms, [0.0, 0.0])  # nothing to add
@@ -204,3 +209,7 @@ def test_a_rank_one_combination_exports(tmp_path):
     module = {layer: LoraAtom(torch.randn(1, 8, generator=g), torch.randn(8, 1, generator=g), 2.0)}
     assert save_concat_adapter([module, module], [1.0, 0.0], tmp_path / "r1", None) == 1
     assert json.loads((tmp_path / "r1" / "adapter_config.json").read_text())["r"] == 1
+    from preflab.ofs.combine import write_peft_lora
+
+    write_peft_lora({}, 1, 1, ["proj"], None, tmp_path / "top")  # a layer at the model's top level
+    assert json.loads((tmp_path / "top" / "adapter_config.json").read_text())["target_modules"] == ["proj"]
