@@ -129,3 +129,5 @@ def test_a_pair_built_directly_starts_its_modules_alike_unless_told_not_to(token
     assert all(torch.equal(p, q) for p, q in zip(same.parameters("fast"), same.parameters("slow")))
     apart = ModulePair(make_tiny_model(tokenizer, seed=3), lambda m: spec.build(m, pc.params), init_same=False)
     assert not all(torch.equal(p, q) for p, q in zip(apart.parameters("fast"), apart.parameters("slow")))
+    apart = build_pair(pc.name, pc.params, make_tiny_model(tokenizer, seed=3), init_same=False)
+    assert not all(torch.equal(p, q) for p, q in zip(apart.parameters("fast"), apart.parameters("slow")))
