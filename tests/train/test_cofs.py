@@ -179,3 +179,44 @@ def test_cofs_combines_modules_of_any_parametrization_through_their_dense_change
     with pytest.raises(ConfigError, match="cofs.combine=factors combines LoRA factors"):
         train(_config(tiny_model_dir, domains, tmp_path / "refused", "parametrization={kind: full}",
                       "cofs.combine=factors"))
+
+
+def test_the_projected_gradient_search_scores_and_steps_by_the_objective_of_the_combination(tiny_model_dir, domains,
+                                                                                            tmp_path):
+    """Each candidate's objective is the DPO loss of θ₀ + C(w) on the two buffers (reference θ₀), recomputed here
+    through folded weights and the evaluation's own scorer (batches of 3: a last partial one); one SGD step from
+    (½, ½) with lr η moves w₁ by −η/2 · (g₁ − g₂)/2 after the projection, and g₁ − g₂ = dL/dt at (½ + t, ½ − t),
+    here by central differences. The same search by preference accuracy scores each candidate by it."""
+    from preflab.eval.preference import preference_metrics
+    from preflab.ofs.combine import fold_into, read_lora_adapter
+
+    out = tmp_path / "pgd"
+    extra = ("cofs.init=fresh", "cofs.select=final_fast", "cofs.grid_max_domains=1", "cofs.pgd_steps=2",
+             "cofs.pgd_lr=0.5", "cofs.pgd_optimizer=sgd", "train.eval_batch_size=3")
+    train(_config(tiny_model_dir, domains, out, *extra))
+    tried = _json(out / "stage-2-b" / "combine.json")["tried"]
+    run = DomainsRun(_config(tiny_model_dir, domains, out, *extra))
+    modules = [read_lora_adapter(out / f"stage-{j + 1}-{n}" / "train" / "final") for j, n in enumerate("ab")]
+    pairs = [p for n in ("1-a", "2-b") for p in run.load(str(out / f"stage-{n}" / "buffer.jsonl"), "train")]
+    base = load_model(str(tiny_model_dir))
+    reference = run.score(base, pairs)
+
+    def metrics(w):
+        model = copy.deepcopy(base)
+        fold_into(model, modules, list(w))
+        return preference_metrics(run.objective, run.score(model, pairs), reference)
+
+    assert len(pairs) == 16 and [t["weights"] for t in tried][0] == [0.5, 0.5]
+    for t in tried:
+        assert t["objective"] == pytest.approx(metrics(t["weights"])["loss"], rel=1e-5)
+    eps = 1e-3
+    slope = (metrics([0.5 + eps, 0.5 - eps])["loss"] - metrics([0.5 - eps, 0.5 + eps])["loss"]) / (2 * eps)
+    assert abs(slope) > 1e-3 and 0 < tried[1]["weights"][0] < 1
+    assert tried[1]["weights"][0] == pytest.approx(0.5 - 0.5 * slope / 2, abs=2e-3)
+
+    by_accuracy = DomainsRun(_config(tiny_model_dir, domains, out, *extra, "cofs.select_metric=pref_acc"))
+    deltas = [[1.0, 0.0], [0.0, 1.0]]
+    choice = by_accuracy.combination.choose_weights(modules, deltas, 1)
+    for t in choice["tried"]:
+        assert t["objective"] == pytest.approx(metrics(t["weights"])["rewards/accuracies"], abs=1e-6)
+    assert choice["objective"] == max(t["objective"] for t in choice["tried"])
