@@ -82,6 +82,9 @@ def test_cofs_combines_the_stored_modules_exactly_and_scores_every_domain(tiny_m
     assert matrix["average_forgetting"] == pytest.approx(matrix["scores"][0]["a"] - matrix["scores"][1]["a"])
     assert matrix["average_final"] == pytest.approx(sum(matrix["scores"][1].values()) / 2)
     assert result.steps == 8 and "average forgetting" in result.table
+    done = _json(s2 / "done.json")["cofs"]
+    assert done["adapter_rank"] == 4 * sum(c != 0 for c in combine["combined_coeffs"])  # r = 4 per nonzero module
+    assert _json(s2 / "combined" / "adapter_config.json")["base_model_name_or_path"] == str(tiny_model_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["cofs/weights"] for r in records] == [[1.0], w]
     assert (out / "final" / "config.json").is_file()
@@ -220,3 +223,60 @@ def test_the_projected_gradient_search_scores_and_steps_by_the_objective_of_the_
     for t in choice["tried"]:
         assert t["objective"] == pytest.approx(metrics(t["weights"])["rewards/accuracies"], abs=1e-6)
     assert choice["objective"] == max(t["objective"] for t in choice["tried"])
+
+
+def test_the_grid_search_the_buffers_and_the_coefficients_of_a_stage(tiny_model_dir, domains, tmp_path):
+    """After a two-domain run: the grid's candidates scored by the loss or the accuracy of the folded combination,
+    Adam's first projected step, one module's trivial choice, the combination of a third domain's delta, the
+    buffers (kept once written, seeded), ``cofs.combine=dense`` on LoRA, and the joint arm's interleaving."""
+    from preflab.eval.preference import preference_metrics
+    from preflab.ofs.combine import fold_into, read_lora_adapter
+    from preflab.train.cofs import _interleave, _rows
+
+    out = tmp_path / "grid"
+    extra = ("cofs.init=fresh", "cofs.select=final_fast", "cofs.grid_max_domains=2", "train.max_steps=2")
+    train(_config(tiny_model_dir, domains, out, *extra))
+    modules = [read_lora_adapter(out / f"stage-{j + 1}-{n}" / "train" / "final") for j, n in enumerate("ab")]
+    base = load_model(str(tiny_model_dir))
+    deltas = [[1.0, 0.0], [0.0, 1.0]]
+    for metric, key in (("dpo_loss", "loss"), ("pref_acc", "rewards/accuracies")):
+        run = DomainsRun(_config(tiny_model_dir, domains, out, *extra, f"cofs.select_metric={metric}"))
+        pairs = [p for n in ("1-a", "2-b") for p in run.load(str(out / f"stage-{n}" / "buffer.jsonl"), "train")]
+        reference = run.score(base, pairs)
+        choice = run.combination.choose_weights(modules, deltas, 1)
+        assert len(choice["tried"]) == 5  # the grid of step ¼ (n = grid_max_domains)
+        values = []
+        for t in choice["tried"]:
+            model = copy.deepcopy(base)
+            fold_into(model, modules, t["weights"])
+            values.append(preference_metrics(run.objective, run.score(model, pairs), reference)[key])
+            assert t["objective"] == pytest.approx(values[-1], rel=1e-5, abs=1e-7)
+        assert choice["objective"] == (max(values) if metric == "pref_acc" else min(values))
+
+    adam = DomainsRun(_config(tiny_model_dir, domains, out, *extra, "cofs.grid_max_domains=1", "cofs.pgd_steps=1",
+                              "cofs.pgd_lr=0.5"))
+    tried = adam.combination.choose_weights(modules, deltas, 1)["tried"]
+    # Adam's first step moves each coordinate by ∓lr whatever its gradient's size (less its ε): (0, 1), (1, 0) or,
+    # both signs alike, back to (½, ½) after the projection
+    assert any(tried[1]["weights"] == pytest.approx(w, abs=1e-4) for w in ([0, 1], [1, 0], [0.5, 0.5]))
+
+    c = adam.combination
+    assert c.choose_weights(modules[:1], [[1.0]], 0) == {"weights": [1.0], "objective": None, "tried": []}
+    previous = [{"cofs": {"combined_coeffs": [1.0]}}, {"cofs": {"combined_coeffs": [0.3, 0.7]}}]
+    assert c.delta_coeffs(2, previous) == [0.0, 0.0, 1.0]  # fresh: D_3 = φ3
+    on_top = DomainsRun(_config(tiny_model_dir, domains, out, "cofs.init=from_combined")).combination
+    assert on_top.delta_coeffs(2, previous) == [0.3, 0.7, 1.0]  # from the combination: D_3 = C_2 + φ3
+    assert not c.dense
+    assert DomainsRun(_config(tiny_model_dir, domains, out, *extra, "cofs.combine=dense")).combination.dense
+
+    buffer = out / "stage-1-a" / "buffer.jsonl"
+    rows = buffer.read_text().splitlines()
+    buffer.write_text(rows[0] + "\n")
+    assert adam.write_buffer(0) == buffer and buffer.read_text() == rows[0] + "\n"  # a written buffer is kept
+    buffer.unlink()
+    adam.write_buffer(0)
+    assert buffer.read_text().splitlines() == rows  # the same seeded sample again
+
+    assert _interleave([[1, 2, 3], [4], [5, 6]]) == [1, 4, 5, 2, 6, 3]
+    held_out = _rows("builtin:sentiment", "eval")
+    assert held_out and held_out != _rows("builtin:sentiment", "train")
