@@ -82,6 +82,10 @@ def test_routing_save_load_and_export_follow_the_modules(tokenizer, batch, kind,
     pair.rest_on("slow")
     assert pair.resting == "slow"
     torch.testing.assert_close(_logps(pair.model, batch), slow, rtol=0, atol=0)  # a forward outside a route: resting
+    ids = batch.input_ids[:2, :8]
+    with torch.no_grad():  # the pair called directly (positional and keyword) is the resting module's network
+        want = pair.modules["slow"].model(input_ids=ids).logits
+        assert torch.equal(pair.model(ids).logits, want) and torch.equal(pair.model(input_ids=ids).logits, want)
     torch.testing.assert_close(_logps(pair.merged_model(), batch), slow, rtol=1e-5, atol=1e-5)
     pair.save_module("slow", tmp_path / "a" / "slow")
     pair.save_module("slow", tmp_path / "a" / "slow")  # again, over the first
