@@ -184,30 +184,43 @@ def test_cofs_combines_modules_of_any_parametrization_through_their_dense_change
                       "cofs.combine=factors"))
 
 
+def _stored(run, out):
+    """The two stages' LoRA modules and the union of their replay buffers, as the weight search reads them."""
+    from preflab.ofs.combine import read_lora_adapter
+
+    modules = [read_lora_adapter(out / f"stage-{j + 1}-{n}" / "train" / "final") for j, n in enumerate("ab")]
+    pairs = [p for n in ("1-a", "2-b") for p in run.load(str(out / f"stage-{n}" / "buffer.jsonl"), "train")]
+    return modules, pairs
+
+
+def _folded_metrics(run, base, modules, pairs, reference, w) -> dict:
+    """Held-out preference metrics of θ₀ + Σ w_k ΔW_k, folded into a copy of ``base``, by the evaluation's scorer."""
+    from preflab.eval.preference import preference_metrics
+    from preflab.ofs.combine import fold_into
+
+    model = copy.deepcopy(base)
+    fold_into(model, modules, list(w))
+    return preference_metrics(run.objective, run.score(model, pairs), reference)
+
+
 def test_the_projected_gradient_search_scores_and_steps_by_the_objective_of_the_combination(tiny_model_dir, domains,
                                                                                             tmp_path):
     """Each candidate's objective is the DPO loss of θ₀ + C(w) on the two buffers (reference θ₀), recomputed here
     through folded weights and the evaluation's own scorer (batches of 3: a last partial one); one SGD step from
     (½, ½) with lr η moves w₁ by −η/2 · (g₁ − g₂)/2 after the projection, and g₁ − g₂ = dL/dt at (½ + t, ½ − t),
     here by central differences. The same search by preference accuracy scores each candidate by it."""
-    from preflab.eval.preference import preference_metrics
-    from preflab.ofs.combine import fold_into, read_lora_adapter
-
     out = tmp_path / "pgd"
     extra = ("cofs.init=fresh", "cofs.select=final_fast", "cofs.grid_max_domains=1", "cofs.pgd_steps=2",
              "cofs.pgd_lr=0.5", "cofs.pgd_optimizer=sgd", "train.eval_batch_size=3")
     train(_config(tiny_model_dir, domains, out, *extra))
     tried = _json(out / "stage-2-b" / "combine.json")["tried"]
     run = DomainsRun(_config(tiny_model_dir, domains, out, *extra))
-    modules = [read_lora_adapter(out / f"stage-{j + 1}-{n}" / "train" / "final") for j, n in enumerate("ab")]
-    pairs = [p for n in ("1-a", "2-b") for p in run.load(str(out / f"stage-{n}" / "buffer.jsonl"), "train")]
+    modules, pairs = _stored(run, out)
     base = load_model(str(tiny_model_dir))
     reference = run.score(base, pairs)
 
     def metrics(w):
-        model = copy.deepcopy(base)
-        fold_into(model, modules, list(w))
-        return preference_metrics(run.objective, run.score(model, pairs), reference)
+        return _folded_metrics(run, base, modules, pairs, reference, w)
 
     assert len(pairs) == 16 and [t["weights"] for t in tried][0] == [0.5, 0.5]
     for t in tried:
@@ -229,32 +242,27 @@ def test_the_grid_search_the_buffers_and_the_coefficients_of_a_stage(tiny_model_
     """After a two-domain run: the grid's candidates scored by the loss or the accuracy of the folded combination,
     Adam's first projected step, one module's trivial choice, the combination of a third domain's delta, the
     buffers (kept once written, seeded), ``cofs.combine=dense`` on LoRA, and the joint arm's interleaving."""
-    from preflab.eval.preference import preference_metrics
-    from preflab.ofs.combine import fold_into, read_lora_adapter
     from preflab.train.cofs import _interleave, _rows
 
     out = tmp_path / "grid"
     extra = ("cofs.init=fresh", "cofs.select=final_fast", "cofs.grid_max_domains=2", "train.max_steps=2")
     train(_config(tiny_model_dir, domains, out, *extra))
-    modules = [read_lora_adapter(out / f"stage-{j + 1}-{n}" / "train" / "final") for j, n in enumerate("ab")]
     base = load_model(str(tiny_model_dir))
     deltas = [[1.0, 0.0], [0.0, 1.0]]
+    adam = DomainsRun(_config(tiny_model_dir, domains, out, *extra, "cofs.grid_max_domains=1", "cofs.pgd_steps=1",
+                              "cofs.pgd_lr=0.5"))
+    modules, pairs = _stored(adam, out)
+    reference = adam.score(base, pairs)
     for metric, key in (("dpo_loss", "loss"), ("pref_acc", "rewards/accuracies")):
         run = DomainsRun(_config(tiny_model_dir, domains, out, *extra, f"cofs.select_metric={metric}"))
-        pairs = [p for n in ("1-a", "2-b") for p in run.load(str(out / f"stage-{n}" / "buffer.jsonl"), "train")]
-        reference = run.score(base, pairs)
         choice = run.combination.choose_weights(modules, deltas, 1)
         assert len(choice["tried"]) == 5  # the grid of step ¼ (n = grid_max_domains)
         values = []
         for t in choice["tried"]:
-            model = copy.deepcopy(base)
-            fold_into(model, modules, t["weights"])
-            values.append(preference_metrics(run.objective, run.score(model, pairs), reference)[key])
+            values.append(_folded_metrics(run, base, modules, pairs, reference, t["weights"])[key])
             assert t["objective"] == pytest.approx(values[-1], rel=1e-5, abs=1e-7)
         assert choice["objective"] == (max(values) if metric == "pref_acc" else min(values))
 
-    adam = DomainsRun(_config(tiny_model_dir, domains, out, *extra, "cofs.grid_max_domains=1", "cofs.pgd_steps=1",
-                              "cofs.pgd_lr=0.5"))
     tried = adam.combination.choose_weights(modules, deltas, 1)["tried"]
     # Adam's first step moves each coordinate by ∓lr whatever its gradient's size (less its ε): (0, 1), (1, 0) or,
     # both signs alike, back to (½, ½) after the projection
