@@ -3,6 +3,7 @@ folded weights, differentiates in c, keeps a tied tensor tied; the change of a m
 
 import copy
 
+import pytest
 import torch
 from conftest import make_tiny_model, sentiment_rows
 
@@ -107,8 +108,6 @@ def test_a_delta_is_what_changed_in_floating_tensors_both_models_hold(tmp_path):
         low.w.fill_(1.0)
     fold_dense(low, [{"w": torch.full((3,), 2 ** -8 + 2 ** -17)}], [1.0])  # rounding the delta first would lose it
     assert low.w.dtype == torch.bfloat16 and low.w.tolist() == [1.0078125] * 3
-    import pytest
-
     with pytest.raises(ValueError, match=r"the stored modules change tensors the model does not hold: \['extra'\]"):
         DenseMixture(Net(False), [{"w": torch.ones(3), "extra": torch.ones(2)}])
     with pytest.raises(ValueError, match=r"does not hold: \['a', 'b', 'c'\]$"):  # the first three named

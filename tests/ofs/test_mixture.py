@@ -2,17 +2,27 @@
 dense weights and its exported PEFT adapter, folding then adding B = 0 modules changes nothing; the weight search."""
 
 import copy
+import json
+import shutil
 
 import pytest
 import torch
 from conftest import make_tiny_model, sentiment_rows
+from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from preflab.data.collate import collate_pairs
 from preflab.data.formats import normalize_row
 from preflab.data.tokenize import PairTokenizer
 from preflab.models.scorer import SequenceScorer
-from preflab.ofs.combine import AtomMixture, fold_into, read_lora_adapter, save_concat_adapter
+from preflab.ofs.combine import (
+    AtomMixture,
+    LoraAtom,
+    fold_into,
+    read_lora_adapter,
+    save_concat_adapter,
+    write_peft_lora,
+)
 from preflab.ofs.pair import FastSlowLora
 from preflab.ofs.weights import grid_choice, pgd_choice
 
@@ -140,9 +150,6 @@ def test_projected_gradient_descent_finds_the_constrained_minimum():
 
 
 def test_an_adapter_directory_is_read_with_its_scale_and_checked(modules, tmp_path):
-    import json
-    import shutil
-
     base, paths = modules
     atoms = read_lora_adapter(paths[1])  # r = 2, alpha = 6
     assert {a.scale for a in atoms.values()} == {3.0} and all(a.A.shape[0] == 2 for a in atoms.values())
@@ -157,15 +164,12 @@ def test_an_adapter_directory_is_read_with_its_scale_and_checked(modules, tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "adapter_config.json").write_text(json.dumps(config))
-    from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, empty / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="no LoRA factors"):
         read_lora_adapter(empty)
 
 
 def test_the_exported_adapter_config_and_the_refusals(modules, tmp_path):
-    import json
-
     base, paths = modules
     atoms = [read_lora_adapter(p) for p in paths]
     assert save_concat_adapter(atoms, [0.0, 1.0], tmp_path / "c", "some/base") == 2
@@ -200,16 +204,10 @@ def test_the_live_mixture_in_bf16_holds_no_saved_buffers(modules, batch):
 
 
 def test_a_rank_one_combination_exports(tmp_path):
-    import json
-
     g = torch.Generator().manual_seed(0)
-    from preflab.ofs.combine import LoraAtom
-
     layer = "model.layers.0.self_attn.q_proj"
     module = {layer: LoraAtom(torch.randn(1, 8, generator=g), torch.randn(8, 1, generator=g), 2.0)}
     assert save_concat_adapter([module, module], [1.0, 0.0], tmp_path / "r1", None) == 1
     assert json.loads((tmp_path / "r1" / "adapter_config.json").read_text())["r"] == 1
-    from preflab.ofs.combine import write_peft_lora
-
     write_peft_lora({}, 1, 1, ["proj"], None, tmp_path / "top")  # a layer at the model's top level
     assert json.loads((tmp_path / "top" / "adapter_config.json").read_text())["target_modules"] == ["proj"]

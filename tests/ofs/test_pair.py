@@ -1,6 +1,8 @@
 """The fast/slow LoRA pair: reference = base, one routed forward = two separate ones, export loads in PEFT."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from preflab.data.collate import collate_pairs
 from preflab.data.formats import normalize_row
 from preflab.data.tokenize import PairTokenizer
 from preflab.models.scorer import SequenceScorer
-from preflab.ofs.pair import FastSlowLora, duplicate_rows
+from preflab.ofs.pair import FastSlowLora, FastSlowPair, Route, TwoLoraLinear, _targets, duplicate_rows
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +96,6 @@ def test_a_module_exports_as_a_plain_peft_adapter(tokenizer, batch, tmp_path):
 
 
 def test_the_merged_model_is_the_resting_module_folded_in(tokenizer, batch):
-    from preflab.ofs.pair import FastSlowPair
-
     param = FastSlowPair(make_tiny_model(tokenizer, seed=6), r=4, alpha=8)
     _randomize(param.pair, 2)
     param.rest_on("slow")
@@ -112,8 +112,6 @@ def test_the_merged_model_is_the_resting_module_folded_in(tokenizer, batch):
 
 
 def test_row_masks_follow_the_split_shape_and_dtype_and_their_cache_stays_small():
-    from preflab.ofs.pair import Route
-
     route = Route(mode="split", split=1)
     fast, slow = [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]
     m = route.row_mask(torch.zeros(3, 5, 7), 2)
@@ -147,11 +145,6 @@ def test_duplicated_rows_of_a_padded_batch(tokenizer):
 
 
 def test_the_pair_defaults_init_dtype_and_targets(tokenizer, tmp_path):
-    import json
-    import math
-
-    from preflab.ofs.pair import FastSlowPair, Route, TwoLoraLinear, _targets
-
     base = torch.nn.Linear(64, 8)
     layer = TwoLoraLinear(base, 4, 8.0, Route())  # defaults: one start for both modules, no dropout
     assert torch.equal(layer.lora_A["fast"], layer.lora_A["slow"]) and isinstance(layer.dropout, torch.nn.Identity)
