@@ -289,7 +289,7 @@ def resolve(raw: dict) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# YAML and overrides.
+# Loading (the tree from config_tree, then resolution), dumping and comparing.
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
