@@ -41,7 +41,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "apo": (["preflab/train/apo.py"], ["tests/train/test_apo.py", "tests/train/test_apo_math.py",
                                        "tests/train/test_apo_records.py", "tests/train/test_schedule_settings.py"]),
     "ofs_schedule": (["preflab/train/ofs.py"], ["tests/train/test_ofs.py", "tests/train/test_schedule_settings.py"]),
-    "cofs": (["preflab/train/cofs.py", "preflab/train/cofs_combine.py"], ["tests/train/test_cofs.py",
+    "cofs": (["preflab/train/cofs.py", "preflab/train/cofs_combine.py"], ["tests/train/test_cofs*.py",
                                                                            "tests/train/test_schedule_settings.py"]),
     "diagnostics": (["preflab/eval/diagnostics.py"], ["tests/eval/test_diagnostics*.py"]),
 }

@@ -16,7 +16,7 @@ from preflab.data.dataset import load_pairs
 from preflab.data.tokenize import PairTokenizer
 from preflab.models.loader import load_model
 from preflab.models.scorer import SequenceScorer
-from preflab.train import TrainingRun, train
+from preflab.train import TrainingRun, cofs_combine, train
 from preflab.train.cofs import DomainsRun, forgetting_summary
 
 
@@ -236,9 +236,12 @@ def test_the_projected_gradient_search_scores_and_steps_by_the_objective_of_the_
     for t in choice["tried"]:
         assert t["objective"] == pytest.approx(metrics(t["weights"])["rewards/accuracies"], abs=1e-6)
     assert choice["objective"] == max(t["objective"] for t in choice["tried"])
+    # modules that change nothing: every pair's margin is 0, a tie, which is not a correct pair (as in evaluation)
+    unchanged = by_accuracy.combination.choose_weights(modules, [[0.0, 0.0], [0.0, 0.0]], 1)
+    assert {t["objective"] for t in unchanged["tried"]} == {0.0}
 
 
-def test_the_grid_search_the_buffers_and_the_coefficients_of_a_stage(tiny_model_dir, domains, tmp_path):
+def test_the_grid_search_the_buffers_and_the_coefficients_of_a_stage(tiny_model_dir, domains, tmp_path, monkeypatch):
     """After a two-domain run: the grid's candidates scored by the loss or the accuracy of the folded combination,
     Adam's first projected step, one module's trivial choice, the combination of a third domain's delta, the
     buffers (kept once written, seeded), ``cofs.combine=dense`` on LoRA, and the joint arm's interleaving."""
@@ -275,6 +278,20 @@ def test_the_grid_search_the_buffers_and_the_coefficients_of_a_stage(tiny_model_
     on_top = DomainsRun(_config(tiny_model_dir, domains, out, "cofs.init=from_combined")).combination
     assert on_top.delta_coeffs(2, previous) == [0.3, 0.7, 1.0]  # from the combination: D_3 = C_2 + φ3
     assert not c.dense
+    s2 = out / "stage-2-b"
+    (s2 / "combined" / "stale.bin").write_bytes(b"from an earlier try")
+    loads = []
+
+    def spy(name, dtype, attn_implementation):
+        loads.append(attn_implementation)
+        return load_model(name, dtype, attn_implementation)
+
+    monkeypatch.setattr(cofs_combine, "load_model", spy)
+    eager = DomainsRun(_config(tiny_model_dir, domains, out, *extra, "model.attn_implementation=eager"))
+    model, record = eager.combination.combine(1, [_json(out / "stage-1-a" / "done.json")])
+    assert loads == ["eager", "eager"] and model.config._attn_implementation == "eager"
+    assert not (s2 / "combined" / "stale.bin").exists()  # the combination's adapter is written afresh
+    assert _json(s2 / "combine.json")["combined_coeffs"] == record["combined_coeffs"]
     assert DomainsRun(_config(tiny_model_dir, domains, out, *extra, "cofs.combine=dense")).combination.dense
 
     buffer = out / "stage-1-a" / "buffer.jsonl"
