@@ -171,7 +171,7 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
     surrogate.backward()
     for m in MODULES:
         for a, e in zip(got[m], (p.grad for p in pair.parameters(m))):
-            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)  # fp32 sums in another order on other CPUs
 
 
 def test_best_val_fast_exports_the_fast_module_at_its_lowest_held_out_loss(tiny_model_dir, data, tmp_path):
