@@ -7,15 +7,20 @@ A checkpoint is a directory ``checkpoints/step-00000042/`` holding
   state instead: the engine's own files, every process its partition);
 - ``rng.pt``: Python, NumPy and torch (CPU and CUDA) generator states — of every process under DDP
   (``{"processes": [...]}``, one per rank: each process draws its own dropout masks);
-- ``state.json``: step, data position, counters.
+- ``state.json``: step, data position, counters;
+- ``checksums.json``: the SHA-256 of every other file, so that a file truncated or corrupted later (a full disk, a
+  copy cut short, a bad sector) is found before anything is restored from it.
 
 It is written under a temporary name and renamed into place, so a crash during a save leaves the previous
-checkpoint intact and no half-written one visible. Only directories with ``state.json`` count.
+checkpoint intact and no half-written one visible. Only directories with ``state.json`` count. ``resume: auto``
+continues from the newest checkpoint that :func:`verify_checkpoint` passes, naming each newer one it skips and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -29,11 +34,18 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError
 
 STATE_FILE = "state.json"
+CHECKSUMS_FILE = "checksums.json"
 DEEPSPEED_DIR = "deepspeed"  # a checkpoint's DeepSpeed engine files (every process its partition)
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (disk full, permissions); the previous one is intact."""
+    """A checkpoint could not be written (disk full, permissions; the previous one is intact) or read."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A file of a checkpoint is missing, truncated or corrupt; the message names it."""
 
 
 def deepspeed_partitions(path: Path) -> int:
@@ -89,10 +101,12 @@ def commit_checkpoint(tmp: Path, run_dir: Path, step: int, trainable: dict[str, 
         torch.save(scheduler, tmp / "scheduler.pt")
         torch.save(rng_state() if rng is None else rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+        checksums = {}
+        for f in sorted(tmp.rglob("*")):  # data on disk before the rename makes it visible
             if f.is_file():
-                with f.open("rb") as fh:
-                    os.fsync(fh.fileno())
+                checksums[f.relative_to(tmp).as_posix()] = _sha256_synced(f)
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2) + "\n")
+        _sha256_synced(tmp / CHECKSUMS_FILE)
         if final.exists():  # a re-save of the same step (e.g. the end of a finished run resumed)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -109,6 +123,16 @@ def commit_checkpoint(tmp: Path, run_dir: Path, step: int, trainable: dict[str, 
     return final
 
 
+def _sha256_synced(path: Path) -> str:
+    """The file's SHA-256, read back once; its data is synced to disk on the way."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+        os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -117,16 +141,79 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file())
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Raises :class:`CheckpointUnreadable`, naming the file, unless every file of the checkpoint at ``path`` is as it
+    was written: the checksums match, or (a checkpoint without ``checksums.json``) every file can be read."""
+    path = Path(path)
+    listed = path / CHECKSUMS_FILE
+    if not listed.is_file():
+        load_checkpoint(path)
+        return
+    try:
+        checksums = json.loads(listed.read_text())
+        if not isinstance(checksums, dict) or STATE_FILE not in checksums:
+            raise ValueError(f"expected a file → checksum mapping that lists {STATE_FILE}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointUnreadable(f"checkpoint {path}: {CHECKSUMS_FILE} is corrupt ({e})") from e
+    for name, expected in checksums.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointUnreadable(f"checkpoint {path}: {name} is missing")
+        if _sha256_synced(f) != expected:
+            raise CheckpointUnreadable(f"checkpoint {path}: {name} is truncated or corrupt (its checksum differs "
+                                       f"from the one written with it)")
+    if "optimizer.pt" not in checksums and not (path / DEEPSPEED_DIR).is_dir():
+        raise CheckpointUnreadable(f"checkpoint {path}: optimizer.pt is missing")
+
+
+def _read(path: Path, name: str, reader):
+    try:
+        return reader(path / name)
+    except Exception as e:  # noqa: BLE001 - whatever the format's reader raises on a damaged file, named
+        what = "missing" if not (path / name).exists() else f"unreadable ({type(e).__name__}: {e})"
+        raise CheckpointUnreadable(f"checkpoint {path}: {name} is {what}") from e
+
+
+def _torch(file: Path):
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
 def load_checkpoint(path: Path) -> dict:
-    """The pieces of a checkpoint; optimizer/scheduler/rng states are loaded on the CPU."""
+    """The pieces of a checkpoint; optimizer/scheduler/rng states are loaded on the CPU. A missing or damaged file
+    raises :class:`CheckpointUnreadable` naming it."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"resume: {path} is not a complete preflab checkpoint (no {STATE_FILE})")
+    engine_owned = (path / DEEPSPEED_DIR).is_dir() and not (path / "optimizer.pt").exists()
     return {
-        "trainable": load_file(path / "trainable.safetensors"),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        if (path / "optimizer.pt").is_file() else None,  # None: the engine's own files (deepspeed/)
-        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False),
-        "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=False),
-        "state": json.loads((path / STATE_FILE).read_text()),
+        "trainable": _read(path, "trainable.safetensors", load_file),
+        "optimizer": None if engine_owned else _read(path, "optimizer.pt", _torch),  # None: deepspeed/ holds it
+        "scheduler": _read(path, "scheduler.pt", _torch),
+        "rng": _read(path, "rng.pt", _torch),
+        "state": _read(path, STATE_FILE, lambda f: json.loads(f.read_text())),
     }
+
+
+def intact_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run that :func:`verify_checkpoint` passes (``resume: auto``), a warning naming each
+    newer one skipped; None without checkpoints. Raises :class:`CheckpointUnreadable` when none is intact."""
+    found, skipped = list_checkpoints(run_dir), []
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for incomplete in sorted(p for p in root.iterdir() if p.name.startswith("step-") and p not in found):
+            skipped.append(f"{incomplete} has no {STATE_FILE}")
+            log.warning("resume: %s; it is not a checkpoint", skipped[-1])
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointUnreadable as e:
+            skipped.append(str(e))
+            log.warning("resume: %s; trying the checkpoint before it", e)
+            continue
+        if skipped:
+            log.warning("resume: continuing from %s, the newest intact checkpoint", path.name)
+        return path
+    if found:
+        raise CheckpointUnreadable(f"resume: no intact checkpoint in {root}: " + "; ".join(skipped) +
+                                   " (move checkpoints/ away to start the run afresh)")
+    return None

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError, config_changes, dump_config
-from .checkpoint import list_checkpoints
+from .checkpoint import intact_checkpoint, list_checkpoints, verify_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ def resume_path(config: Config, run_dir: Path) -> Path | None:
                               "that run or choose another output_dir")
         return None
     if config.resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return intact_checkpoint(run_dir)
     path = Path(config.resume)
     if not path.is_dir():
         raise ConfigError(f"resume: checkpoint {path} does not exist")
+    verify_checkpoint(path)
     return path
 
 
@@ -68,11 +68,12 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 def record_config(config: Config, run_dir: Path, resumed_at: str | None) -> None:
     """Writes config.yaml; a resumed run whose config changed keeps the old file (``config.before-<resumed_at>.yaml``)
-    and logs the changes."""
+    and logs the changes. Where the run directory is (``output_dir``: a moved run) and how it resumes are not
+    changes of the run."""
     path = run_dir / "config.yaml"
     if resumed_at is not None and path.is_file():
         changed = [c for c in config_changes(yaml.safe_load(path.read_text()) or {}, config.to_dict())
-                   if not c.startswith(("resume:", "train.progress:"))]
+                   if not c.startswith(("output_dir:", "resume:", "train.progress:"))]
         if changed:
             keep = run_dir / f"config.before-{resumed_at}.yaml"
             path.replace(keep)

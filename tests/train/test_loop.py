@@ -79,10 +79,11 @@ def test_resume_never_refuses_a_directory_with_checkpoints(tiny_model_dir, data1
 
 def test_resume_with_a_changed_config_keeps_the_old_one_and_names_the_change(tiny_model_dir, data16, tmp_path,
                                                                              caplog):
-    train(_config(tiny_model_dir, data16, tmp_path / "r", "train.max_steps=1"))
+    train(_config(tiny_model_dir, data16, tmp_path / "before-the-move", "train.max_steps=1"))
+    (tmp_path / "before-the-move").rename(tmp_path / "r")  # a moved run directory is the same run
     with caplog.at_level("WARNING", logger="preflab.train.loop"):
         train(_config(tiny_model_dir, data16, tmp_path / "r", "train.max_steps=2"))
-    assert "train.max_steps: 1 -> 2" in caplog.text
+    assert "train.max_steps: 1 -> 2" in caplog.text and "output_dir" not in caplog.text
     kept = list((tmp_path / "r").glob("config.before-*.yaml"))
     assert len(kept) == 1 and "max_steps: 1" in kept[0].read_text()
     assert "max_steps: 2" in (tmp_path / "r" / "config.yaml").read_text()
