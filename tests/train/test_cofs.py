@@ -17,7 +17,7 @@ from preflab.data.tokenize import PairTokenizer
 from preflab.models.loader import load_model
 from preflab.models.scorer import SequenceScorer
 from preflab.train import TrainingRun, cofs_combine, train
-from preflab.train.cofs import DomainsRun, forgetting_summary
+from preflab.train.cofs import DomainsRun, forgetting_summary, format_matrix
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_cofs_combines_the_stored_modules_exactly_and_scores_every_domain(tiny_m
                                                                          tokenizer):
     from peft import PeftModel
 
-    out = tmp_path / "cofs"
+    out = tmp_path / "runs" / "cofs"  # its parent made too
     result = train(_config(tiny_model_dir, domains, out))
     s1, s2 = out / "stage-1-a", out / "stage-2-b"
     base = load_model(str(tiny_model_dir))
@@ -87,6 +87,15 @@ def test_cofs_combines_the_stored_modules_exactly_and_scores_every_domain(tiny_m
     assert _json(s2 / "combined" / "adapter_config.json")["base_model_name_or_path"] == str(tiny_model_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["cofs/weights"] for r in records] == [[1.0], w]
+    assert [(r["step"], r["cofs/stage"], r["cofs/domain"]) for r in records] == [(4, 1, "a"), (8, 2, "b")]
+    assert records[1]["cofs/objective"] == combine["objective"] and records[1]["cofs/score/a"] == matrix["scores"][1]["a"]
+    stages = [_json(s / "done.json") for s in (s1, s2)]
+    assert [(r["stage"], r["domain"], r["start"]) for r in stages] == [(1, "a", str(tiny_model_dir)),
+                                                                      (2, "b", str(s1 / "model"))]
+    assert _json(s2 / "eval.json")["a"]["score"] == matrix["scores"][1]["a"] and "eval" not in stages[1]
+    assert matrix["arm"] == "cofs" and result.run_dir == out
+    assert result.seconds == pytest.approx(sum(r["seconds"] for r in stages))
+    assert not (s1 / "module").exists()  # LoRA modules are combined as adapters: no dense change stored
     assert (out / "final" / "config.json").is_file()
 
 
@@ -138,20 +147,29 @@ def test_a_killed_run_resumes_to_the_same_matrix(tiny_model_dir, domains, tmp_pa
 
 
 def test_cofs_refusals_and_the_forgetting_summary(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="data.domains"):
+    with pytest.raises(ConfigError, match=r"^data\.domains: schedule: cofs needs the ordered domains, e\.g\. "
+                                          r"data\.domains=\[sentiment, format, concision\]$"):
         DomainsRun(load_config(None, [f"model.name={tiny_model_dir}", "schedule=cofs"]))
     with pytest.raises(ConfigError, match="names must differ"):
         load_config(None, ["data.domains=[sentiment, sentiment]"])
     with pytest.raises(ConfigError, match="grid_step"):
         load_config(None, ["cofs.grid_step=0.3"])
-    with pytest.raises(ConfigError, match="held-out"):
+    with pytest.raises(ConfigError, match=r"held-out pairs \(eval\) to be scored; \['x'\] have none$"):
         DomainsRun(load_config(None, [f"model.name={tiny_model_dir}", "schedule=cofs",
                                       "data.domains=[{name: x, train: x.jsonl}]"]))
-    scores = [{"a": 0.9, "b": 0.1, "c": 0.2}, {"a": 0.6, "b": 0.8, "c": 0.3}, {"a": 0.7, "b": 0.5, "c": 0.9}]
+    scores = [{"a": 0.9, "b": 0.95, "c": 0.2}, {"a": 0.6, "b": 0.8, "c": 0.3}, {"a": 0.7, "b": 0.5, "c": 0.9}]
     summary = forgetting_summary(["a", "b", "c"], scores)
-    assert summary["forgetting"] == pytest.approx({"a": 0.2, "b": 0.3})  # a: best 0.9 → 0.7; b: 0.8 → 0.5
+    # a: best 0.9 → 0.7; b: best since its own stage 0.8 → 0.5 (its 0.95 before it was trained does not count)
+    assert summary["forgetting"] == pytest.approx({"a": 0.2, "b": 0.3})
     assert summary["average_forgetting"] == pytest.approx(0.25)
     assert summary["average_final"] == pytest.approx(0.7)
+    assert forgetting_summary(["a"], [{"a": 0.5}]) == {"average_final": 0.5}  # one domain: nothing to forget
+    assert format_matrix({"domains": ["a", "b"], "stages": ["a", "b"], "scores": scores[:2], **summary}) == (
+        "after stage               a             b\n"
+        "a                    0.9000        0.9500\n"
+        "b                    0.6000        0.8000\n"
+        "average final score 0.7000\n"
+        "average forgetting 0.2500")
 
 
 def test_cofs_combines_modules_of_any_parametrization_through_their_dense_changes(tiny_model_dir, domains, tmp_path):
@@ -264,7 +282,8 @@ def test_the_grid_search_the_buffers_and_the_coefficients_of_a_stage(tiny_model_
         for t in choice["tried"]:
             values.append(_folded_metrics(run, base, modules, pairs, reference, t["weights"])[key])
             assert t["objective"] == pytest.approx(values[-1], rel=1e-5, abs=1e-7)
-        assert choice["objective"] == (max(values) if metric == "pref_acc" else min(values))
+        best = max(values) if metric == "pref_acc" else min(values)  # recomputed: equal up to float summation order
+        assert choice["objective"] == pytest.approx(best, rel=1e-5, abs=1e-7)
 
     tried = adam.combination.choose_weights(modules, deltas, 1)["tried"]
     # Adam's first step moves each coordinate by ∓lr whatever its gradient's size (less its ε): (0, 1), (1, 0) or,

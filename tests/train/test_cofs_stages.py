@@ -117,3 +117,41 @@ def test_the_driver_scores_the_held_out_split_against_a_frozen_base_with_the_run
             load_pairs(f"builtin:{name}", "held", run.pair_tokenizer, "skip")[0]
         assert run._eval_pairs[name] == held[:5]
         assert result[name]["score"] == result[name]["preference"]["rewards/accuracies"]
+
+
+def test_a_domain_with_a_task_is_scored_by_its_gold_reward_sampled_in_eval_mode(tiny_model_dir, builtin, tmp_path,
+                                                                                 monkeypatch):
+    """A domain with a task is scored by the gold reward of the model's samples against the frozen base, through one
+    evaluator per domain made with the run's eval settings and the domain's task; one without by accuracy."""
+    import copy
+
+    calls = []
+
+    class Evaluator:  # records how the driver builds and calls it; its gold reward is the call's number
+        def __init__(self, tokenizer, cfg):
+            calls.append(("made", tokenizer, cfg.task, cfg.num_prompts))
+
+        def evaluate(self, policy, reference):
+            with reference() as ref:
+                calls.append(("evaluated", policy, policy.training, ref))
+            return {"gold/reward": 0.25 * len(calls)}
+
+    monkeypatch.setattr(cofs, "GenerationEvaluator", Evaluator)
+    domains = ("data.domains=[{name: a, train: 'builtin:a', eval: 'builtin:a', eval_split: held, task: concision}, "
+               "{name: b, train: 'builtin:b', eval: 'builtin:b', eval_split: held}]")
+    run = _run(tiny_model_dir, tmp_path / "run", domains, "eval.num_prompts=3")
+    model = copy.deepcopy(run.base()).train()
+    first, second = run.evaluate_domains(model), run.evaluate_domains(model)
+    assert calls == [("made", run.tokenizer, "concision", 3), ("evaluated", model, False, run.base()),
+                     ("evaluated", model, False, run.base())]  # one evaluator, reused
+    assert model.training  # the mode is restored
+    assert (first["a"]["score"], second["a"]["score"]) == (0.5, 0.75)
+    assert first["a"]["generation"] == {"gold/reward": 0.5}
+    assert "generation" not in first["b"] and first["b"]["score"] == first["b"]["preference"]["rewards/accuracies"]
+
+
+def test_the_domains_pairs_are_tokenized_with_the_data_settings(tiny_model_dir, builtin, tmp_path):
+    run = _run(tiny_model_dir, tmp_path / "run", "data.max_length=40", "data.max_prompt_length=7",
+               "data.prompt_truncation=right")
+    tok = run.pair_tokenizer
+    assert (tok.max_length, tok.max_prompt_length, tok.prompt_truncation) == (40, 7, "right")
