@@ -88,7 +88,8 @@ def test_cofs_combines_the_stored_modules_exactly_and_scores_every_domain(tiny_m
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["cofs/weights"] for r in records] == [[1.0], w]
     assert [(r["step"], r["cofs/stage"], r["cofs/domain"]) for r in records] == [(4, 1, "a"), (8, 2, "b")]
-    assert records[1]["cofs/objective"] == combine["objective"] and records[1]["cofs/score/a"] == matrix["scores"][1]["a"]
+    assert records[1]["cofs/objective"] == combine["objective"]
+    assert records[1]["cofs/score/a"] == matrix["scores"][1]["a"]
     stages = [_json(s / "done.json") for s in (s1, s2)]
     assert [(r["stage"], r["domain"], r["start"]) for r in stages] == [(1, "a", str(tiny_model_dir)),
                                                                       (2, "b", str(s1 / "model"))]
