@@ -124,6 +124,7 @@ def test_the_baselines_are_one_key_away(tiny_model_dir, domains, tmp_path, arm):
         assert matrix["stages"] == ["joint"] and result.steps == 8 and "average_forgetting" not in matrix
         rows = (out / "stage-1-joint" / "train.jsonl").read_text().splitlines()
         assert len(rows) == 32 and "item number 0." in rows[0] and "item number 100." in rows[1]  # interleaved
+        assert not (out / "stage-1-joint" / "buffer.jsonl").exists()  # nothing to replay or combine
     else:
         assert matrix["stages"] == ["a", "b"] and result.steps == 8
         assert load_config(out / "stage-2-b" / "train" / "config.yaml").model.name == str(out / "stage-1-a" / "model")
@@ -285,6 +286,21 @@ def test_the_grid_search_the_buffers_and_the_coefficients_of_a_stage(tiny_model_
             assert t["objective"] == pytest.approx(values[-1], rel=1e-5, abs=1e-7)
         best = max(values) if metric == "pref_acc" else min(values)  # recomputed: equal up to float summation order
         assert choice["objective"] == pytest.approx(best, rel=1e-5, abs=1e-7)
+    # the projected-gradient search under a length-normalized objective (it reads the token counts), scored with
+    # the run's scorer settings
+    seen = []
+    real_scorer, real_collate = cofs_combine.SequenceScorer, cofs_combine.collate_pairs
+    monkeypatch.setattr(cofs_combine, "SequenceScorer", lambda m, chunk: seen.append(chunk) or real_scorer(m, chunk))
+    monkeypatch.setattr(cofs_combine, "collate_pairs",
+                        lambda p, pad, layout, pack: seen.append(pack) or real_collate(p, pad, layout, pack))
+    run = DomainsRun(_config(tiny_model_dir, domains, out, *extra, "loss={name: sigmoid, logp_normalize: mean}",
+                             "scorer.chunk_size=5", "scorer.pack_tokens=99", "cofs.grid_max_domains=1",
+                             "cofs.pgd_steps=1"))
+    for t in run.combination.choose_weights(modules, deltas, 1)["tried"]:
+        expected = _folded_metrics(run, base, modules, pairs, reference, t["weights"])["loss"]
+        assert t["objective"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert set(seen) == {5, 99}
+    monkeypatch.undo()
 
     tried = adam.combination.choose_weights(modules, deltas, 1)["tried"]
     # Adam's first step moves each coordinate by ∓lr whatever its gradient's size (less its ε): (0, 1), (1, 0) or,

@@ -155,3 +155,9 @@ def test_the_domains_pairs_are_tokenized_with_the_data_settings(tiny_model_dir, 
                "data.prompt_truncation=right")
     tok = run.pair_tokenizer
     assert (tok.max_length, tok.max_prompt_length, tok.prompt_truncation) == (40, 7, "right")
+
+
+@pytest.mark.parametrize("arm,schedule", [("cofs", "ofs"), ("sequential_ofs", "ofs"), ("sequential_dpo", "offline"),
+                                          ("joint_dpo", "offline")])
+def test_each_arm_trains_its_stages_with_its_schedule(tiny_model_dir, builtin, tmp_path, arm, schedule):
+    assert _run(tiny_model_dir, tmp_path / "run", f"cofs.arm={arm}").inner_config(0).schedule == schedule
