@@ -8,7 +8,8 @@
     preflab report RUN_DIR [...] [--out FILE]         a self-contained HTML page comparing runs
     preflab config [CONFIG.yaml] [key=value ...]      print the resolved config without running anything
 
-User errors (config, data, missing files, non-finite loss) end with one clear line and exit code 2.
+User errors (config, data, files that cannot be read or written, non-finite loss) end with one clear line and exit
+code 2.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def _fmt(value) -> str:
 
 def _print_summary(result) -> None:
     before, after = result.before or {}, result.after or {}
-    print(f"\npreflab: trained {result.steps} steps in {result.seconds:.0f} s of training time")
+    skips = result.nonfinite_skips
+    skipped = f" ({skips} of them skipped: a non-finite loss or gradient, no update)" if skips else ""
+    print(f"\npreflab: trained {result.steps} steps{skipped} in {result.seconds:.0f} s of training time")
     if after:
         print(f"held-out pairs: {after['num_pairs']}")
         for key, label in (("loss", "loss"), ("rewards/accuracies", "preference accuracy (implicit reward)"),
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preflab: {e}", file=sys.stderr)
         return e.exit_code
     except (ConfigError, DataError, DataSourceError, ModelNotFoundError, TrainingError, CheckpointError,
-            FileNotFoundError) as e:
+            OSError) as e:  # OSError: a file that cannot be read or written (missing, full disk, read-only)
         print(f"preflab: error: {e}", file=sys.stderr)
         return 2
     return 0

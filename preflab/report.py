@@ -101,8 +101,11 @@ def _curve_plots(runs: list[dict]) -> list[tuple[str, str]]:
 def _summary_rows(run: dict) -> list[str]:
     ev, cfg = run["eval"], run["config"]
     loss = cfg.get("loss") or [{}]
+    last = run["records"][-1] if run["records"] else {}
+    steps = str(last.get("step", 0)) + (f" ({last['nonfinite_skips']} skipped: non-finite)"
+                                        if last.get("nonfinite_skips") else "")
     cells = [run["name"], str((cfg.get("parametrization") or {}).get("kind", "?")),
-             " + ".join(str(t.get("name")) for t in loss), str(run["records"][-1]["step"] if run["records"] else 0)]
+             " + ".join(str(t.get("name")) for t in loss), steps]
     before, after = ev.get("before") or {}, ev.get("after") or {}
     for key in ("loss", "rewards/accuracies", "3d/logratio_chosen", "3d/logratio_rejected"):
         b, a = before.get(key), after.get(key)

@@ -16,9 +16,11 @@ def train(config):
     """Runs ``config`` under its schedule (refused combinations stop before any work); its :class:`RunResult`."""
     from .compat import check_compatible
     from .loop import TrainingRun
+    from .safety import check_writable
     from .schedules import schedule_registry
 
     check_compatible(config)
+    check_writable(config.output_dir)  # every schedule's run directory, before any work
     spec = schedule_registry()[config.schedule]
     return (TrainingRun(config) if spec.program is not None else spec.driver(config)).run()
 

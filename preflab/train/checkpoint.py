@@ -112,10 +112,11 @@ def commit_checkpoint(tmp: Path, run_dir: Path, step: int, trainable: dict[str, 
         os.replace(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, Exception):  # a full disk is an OSError, a SafetensorError or torch's RuntimeError
             previous = list_checkpoints(run_dir)
             kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint"
-            raise CheckpointError(f"writing the checkpoint of step {step} in {root} failed ({e}); {kept}") from e
+            raise CheckpointError(f"writing the checkpoint of step {step} in {root} failed ({type(e).__name__}: "
+                                  f"{e}); {kept}") from e
         raise
     if keep_last:
         for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -139,6 +140,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file())
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a (verified) checkpoint was written at."""
+    return int(json.loads((Path(path) / STATE_FILE).read_text())["step"])
 
 
 def verify_checkpoint(path: Path) -> None:

@@ -15,6 +15,7 @@ import math
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,7 +33,15 @@ from ..losses import Objective, build_objective
 from ..models.loader import load_model, load_tokenizer
 from ..models.scorer import SequenceScorer
 from ..optim import OptimizerInputs, build_optimizer
-from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (
+    begin_checkpoint,
+    checkpoint_step,
+    commit_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .compat import check_compatible, continued_adapter
 from .engine import make_engine
 from .evaluation import Evaluation
@@ -40,7 +49,7 @@ from .metrics import MetricAccumulator, MetricsWriter
 from .order import BatchOrder
 from .outputs import RunResult, TrainingError, flat, record_config, resume_path, write_json
 from .reference import ReferenceLogps
-from .safety import StopRequest, TrainingInterrupted, check_disk_space, checkpoint_bytes
+from .safety import StopRequest, TrainingInterrupted, check_disk_space, check_writable, checkpoint_bytes
 from .schedules import schedule_registry
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,7 @@ class TrainingRun:
         self.resume_from = resume_path(config, self.run_dir)  # config errors before any work
         tc = config.train
         check_compatible(config)  # before any work (and before any process group)
+        check_writable(self.run_dir)
         # accelerate keeps one AcceleratorState per process; several runs in a process (tests, schedules that chain
         # runs) may differ in precision. The process-group state (PartialState) is kept.
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -136,8 +146,11 @@ class TrainingRun:
         self.state["nonfinite_skips"] = self.state.get("nonfinite_skips", 0) + 1
         log.warning("%s %s: update skipped (%d so far)", what, where, self.state["nonfinite_skips"])
         if self.state["nonfinite_skips"] > tc.max_nonfinite_skips:
+            kept = list_checkpoints(self.run_dir)
+            kept = f"the last checkpoint, {kept[-1].name}, holds finite weights" if kept else \
+                "no checkpoint was written yet"
             raise TrainingError(f"{what} {where}: more than train.max_nonfinite_skips={tc.max_nonfinite_skips} "
-                                "updates skipped; stopping (the last checkpoint holds finite weights)")
+                                f"updates skipped; stopping ({kept})")
 
     def micro_step(self, indices: list[int], global_size: int, sync: bool, scale: float) -> dict | None:
         """Forward and backward of this process's share of a micro-batch of ``global_size`` pairs; None when the
@@ -190,6 +203,8 @@ class TrainingRun:
                 self._nonfinite(f"non-finite gradient (norm {norm})", seen)
                 skip = True
         record["lr"] = self.scheduler.get_last_lr()[0]
+        if self.state.get("nonfinite_skips"):  # the running count, in every record from the first skip on
+            record["nonfinite_skips"] = self.state["nonfinite_skips"]
         if skip:
             record["nonfinite_skipped"] = 1
         else:
@@ -298,12 +313,26 @@ class TrainingRun:
 
     # -- the run ------------------------------------------------------------------------------------------
 
+    @contextmanager
+    def _interruptible(self, what: str, save: bool = False):
+        """Ctrl-C outside the steps (the evaluations before and after them) ends in :class:`TrainingInterrupted`;
+        with ``save`` (after the steps, one process) the trained steps are checkpointed first."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            log.warning("SIGINT received during %s: stopping", what)
+            keep = save and self.engine.accelerator.num_processes == 1
+            saved = self.save() if keep else self.resume_from
+            raise TrainingInterrupted(signal.SIGINT, self.state["step"], saved, during=what) from None
+
     def run(self) -> RunResult:
         tc, engine = self.config.train, self.engine
         main = engine.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            record_config(self.config, self.run_dir, None if self.resume_from is None else self.resume_from.name)
+            resumed_at = None if self.resume_from is None else self.resume_from.name
+            record_config(self.config, self.run_dir, resumed_at, finished=resumed_at is not None and
+                          checkpoint_step(self.resume_from) >= self.total_steps)
         for line in self.reports:
             log.info("data: %s", line)
         trainable, total = self.param.parameter_counts()
@@ -312,35 +341,38 @@ class TrainingRun:
         if self.resume_from is not None:
             self.restore(self.resume_from)
             log.info("resumed from %s at step %d", self.resume_from, self.state["step"])
-        else:
-            self.eval_record["before"] = self.evaluate(policy_is_reference=self.param.starts_at_reference)
-        if main and self.state["step"] < self.total_steps:
-            check_disk_space(self.run_dir, checkpoint_bytes(self.param.trainable_state_dict(), self.optimizer))
-        writer = MetricsWriter(self.run_dir / "metrics.jsonl", self.state["step"]) if main else None
-        if tc.report_to:
-            engine.accelerator.init_trackers("preflab", config=flat(self.config.to_dict()))
-        line = self.evaluation.prepare_diagnostics(self.param, self.tokenizer, self.state,
-                                                   self.run_dir / "probe.jsonl" if main else None, self.scorer)
-        if line:
-            log.info(line)
-        if self.reference.cache is not None and self.reference.precompute_all:
-            self.reference.precompute(tc.eval_batch_size, tc.progress)
+        with self._interruptible("the preparation before training"):
+            if self.resume_from is None:
+                self.eval_record["before"] = self.evaluate(policy_is_reference=self.param.starts_at_reference)
+            if main and self.state["step"] < self.total_steps:
+                check_disk_space(self.run_dir, checkpoint_bytes(self.param.trainable_state_dict(), self.optimizer))
+            writer = MetricsWriter(self.run_dir / "metrics.jsonl", self.state["step"]) if main else None
+            if tc.report_to:
+                engine.accelerator.init_trackers("preflab", config=flat(self.config.to_dict()))
+            line = self.evaluation.prepare_diagnostics(self.param, self.tokenizer, self.state,
+                                                       self.run_dir / "probe.jsonl" if main else None, self.scorer)
+            if line:
+                log.info(line)
+            if self.reference.cache is not None and self.reference.precompute_all:
+                self.reference.precompute(tc.eval_batch_size, tc.progress)
         self.scorer.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
                    desc="train", unit="step")
         with StopRequest() as stop:
             self._train_steps(bar, writer, stop)
         bar.close()
-        self.program.finish(self)
-        self.eval_record["after"] = self.evaluate()
-        if self.eval_record["after"]:  # (a finished run resumed evaluates its last step again: keep one entry)
-            self.eval_record["history"] = [h for h in self.eval_record["history"] if h["step"] != self.state["step"]]
-            self.eval_record["history"].append({"step": self.state["step"], **self.eval_record["after"]})
-        policy = self.whole_policy()
-        if main:
-            result = self.evaluation.generation(self.tokenizer, policy.model, policy.reference)
-            if result is not None:
-                self.eval_record["generation"] = {self.config.eval.task: result}
+        with self._interruptible("the evaluation after training", save=True):
+            self.program.finish(self)
+            self.eval_record["after"] = self.evaluate()
+            if self.eval_record["after"]:  # (a finished run resumed evaluates its last step again: keep one entry)
+                self.eval_record["history"] = [h for h in self.eval_record["history"]
+                                               if h["step"] != self.state["step"]]
+                self.eval_record["history"].append({"step": self.state["step"], **self.eval_record["after"]})
+            policy = self.whole_policy()
+            if main:
+                result = self.evaluation.generation(self.tokenizer, policy.model, policy.reference)
+                if result is not None:
+                    self.eval_record["generation"] = {self.config.eval.task: result}
         self.save()
         if main:
             policy.save_final(self.run_dir / "final")
@@ -348,4 +380,5 @@ class TrainingRun:
         for tracker in engine.accelerator.trackers:  # (not end_training: the process group outlives one run)
             tracker.finish()
         return RunResult(self.run_dir, self.state["step"], self.state["seconds"], self.eval_record["before"],
-                         self.eval_record["after"], self.eval_record.get("generation", {}).get(self.config.eval.task))
+                         self.eval_record["after"], self.eval_record.get("generation", {}).get(self.config.eval.task),
+                         nonfinite_skips=self.state.get("nonfinite_skips", 0))

@@ -35,6 +35,7 @@ class RunResult:
     after: dict | None
     generation: dict | None = None
     table: str | None = None  # a schedule's own summary (cofs: the forgetting matrix)
+    nonfinite_skips: int = 0  # updates skipped under train.on_nonfinite=skip (counted among the steps)
 
 
 def resume_path(config: Config, run_dir: Path) -> Path | None:
@@ -66,14 +67,20 @@ def write_rows(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def record_config(config: Config, run_dir: Path, resumed_at: str | None) -> None:
+def record_config(config: Config, run_dir: Path, resumed_at: str | None, finished: bool = False) -> None:
     """Writes config.yaml; a resumed run whose config changed keeps the old file (``config.before-<resumed_at>.yaml``)
     and logs the changes. Where the run directory is (``output_dir``: a moved run) and how it resumes are not
-    changes of the run."""
+    changes of the run. A ``finished`` run (resumed at its last step) with a changed config is refused: nothing
+    would be trained, and config.yaml would no longer describe ``final/`` (``eval`` settings excepted: the evaluation
+    after training runs again with them)."""
     path = run_dir / "config.yaml"
     if resumed_at is not None and path.is_file():
         changed = [c for c in config_changes(yaml.safe_load(path.read_text()) or {}, config.to_dict())
                    if not c.startswith(("output_dir:", "resume:", "train.progress:"))]
+        if finished and any(not c.startswith("eval.") for c in changed):  # the evaluation after training reruns
+            raise ConfigError(f"output_dir: {run_dir} holds a finished run ({resumed_at}) trained with other "
+                              f"settings ({'; '.join(changed)}); training it again would change nothing but its "
+                              "config.yaml. Train into a new output_dir, or raise train.max_steps to continue it")
         if changed:
             keep = run_dir / f"config.before-{resumed_at}.yaml"
             path.replace(keep)

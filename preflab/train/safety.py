@@ -3,14 +3,18 @@
 - :class:`StopRequest` turns the first SIGINT or SIGTERM into a request: the loop finishes the step in
   progress, writes a checkpoint and raises :class:`TrainingInterrupted` (the CLI exits with 128 + signal
   number). A second signal acts as it normally would (Ctrl-C twice aborts at once).
-- :func:`check_disk_space` refuses to start when the output disk cannot hold one checkpoint.
+- :func:`check_writable` refuses a run directory that cannot be written, before any work;
+  :func:`check_disk_space` refuses to start when the output disk cannot hold one checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -22,11 +26,13 @@ log = logging.getLogger(__name__)
 class TrainingInterrupted(RuntimeError):
     """Stopped by a signal after a finished, checkpointed step; rerunning the same command resumes."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, during: str | None = None):
         self.exit_code = 128 + signum
-        where = f"checkpoint {checkpoint}" if checkpoint else "no step had finished, nothing to save"
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} ({where}); rerun the same "
-                         "command to resume")
+        where = f"checkpoint {checkpoint}" if checkpoint else "no step had finished, nothing to save" if step == 0 \
+            else "no new checkpoint"
+        when = f"during {during} at step {step}" if during else f"after step {step}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {when} ({where}); rerun the same command to "
+                         "resume")
 
 
 class StopRequest:
@@ -65,6 +71,24 @@ def checkpoint_bytes(trainable: dict[str, torch.Tensor], optimizer) -> int:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
     extra = inner.task_vector_bytes() if hasattr(inner, "task_vector_bytes") else 0
     return weights + moments + extra
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuses a run directory that cannot be written (read-only, not a folder, no permission) before any work: a
+    test file is written in it, or in the nearest folder above it that exists (nothing is created)."""
+    from ..config import ConfigError
+
+    where = Path(run_dir).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(where))
+        fd, probe = tempfile.mkstemp(prefix=".preflab-write-test-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"output_dir: {run_dir} cannot be written ({e.strerror or e}: {where})") from None
 
 
 def check_disk_space(run_dir: Path, needed: int) -> None:

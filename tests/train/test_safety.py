@@ -1,6 +1,7 @@
 """Nothing lost: non-finite losses and gradients (stop or skip), no non-finite checkpoint, a failed save, a disk
 too small, SIGTERM (finish the step, checkpoint, exit 143) and SIGKILL (resume to the same weights)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -68,11 +69,32 @@ def test_skip_leaves_the_weights_of_a_non_finite_step_untouched(tiny_model_dir, 
     assert '"nonfinite_skipped": 1' in records[1] and "nonfinite_skipped" not in records[2]
 
 
-def test_skip_gives_up_after_the_limit(tiny_model_dir, data, tmp_path, monkeypatch):
+def test_skips_are_counted_in_the_result_the_summary_and_the_report(tiny_model_dir, data, tmp_path, monkeypatch,
+                                                                      capsys):
+    from preflab.cli import _print_summary
+    from preflab.report import write_report
+
+    _poison_calls(monkeypatch, {2, 3})
+    result = train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.on_nonfinite=skip", "train.max_steps=4"]))
+    assert result.steps == 4 and result.nonfinite_skips == 2
+    _print_summary(result)
+    assert "trained 4 steps (2 of them skipped: a non-finite loss or gradient, no update)" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("nonfinite_skips") for r in records] == [None, 1, 2, 2]
+    page = write_report([tmp_path / "r"], tmp_path / "report.html").read_text()
+    assert "<td>4 (2 skipped: non-finite)</td>" in page
+
+
+def test_skip_gives_up_after_the_limit_naming_what_is_kept(tiny_model_dir, data, tmp_path, monkeypatch):
     _poison_calls(monkeypatch, set(range(1, 100)))
-    with pytest.raises(TrainingError, match="more than train.max_nonfinite_skips=2"):
+    with pytest.raises(TrainingError, match=r"more than train.max_nonfinite_skips=2 .*no checkpoint was written yet"):
         train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.on_nonfinite=skip", "train.max_steps=5",
                                                                 "train.max_nonfinite_skips=2"]))
+    monkeypatch.undo()
+    _poison_calls(monkeypatch, set(range(3, 100)))  # steps 1, 2 train; 3 is skipped (its checkpoint: step 2's weights)
+    with pytest.raises(TrainingError, match=r"the last checkpoint, step-00000003, holds finite weights"):
+        train(_cfg(tiny_model_dir, data, tmp_path / "s", extra=["train.on_nonfinite=skip", "train.max_steps=6",
+                                                                "train.max_nonfinite_skips=1", "train.save_steps=1"]))
 
 
 def test_non_finite_gradient_stops_before_the_update(tiny_model_dir, data, tmp_path, monkeypatch):
@@ -121,6 +143,48 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model_dir, data, tmp_p
     assert result.steps == 3 and not list(root.glob(".step-*"))
 
 
+@pytest.mark.parametrize("writer,error", [("save_file", "SafetensorError"), ("torch.save", "RuntimeError")])
+def test_a_full_disk_seen_by_the_tensor_writers_names_the_intact_checkpoint(tiny_model_dir, data, tmp_path,
+                                                                             monkeypatch, writer, error):
+    """What safetensors and torch raise on a full disk (neither is an OSError) fails the save like an OSError."""
+    from safetensors import SafetensorError
+
+    target = checkpoint_module.torch if writer == "torch.save" else checkpoint_module
+    name = writer.split(".")[-1]
+    original = getattr(target, name)
+
+    def full_at_step_2(obj, path, *a, **kw):
+        if "step-00000002" in str(path):
+            if error == "SafetensorError":
+                raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return original(obj, path, *a, **kw)
+
+    monkeypatch.setattr(target, name, full_at_step_2)
+    with pytest.raises(CheckpointError, match=f"step 2 .* failed \\({error}: .*\\); the previous checkpoint "
+                                              "step-00000001 is intact"):
+        train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=3", "train.save_steps=1"]))
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tiny_model_dir, data, tmp_path, monkeypatch):
+    import errno
+
+    from preflab.train import safety
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=r"output_dir: .*a-file/run cannot be written \(not a directory: "):
+        train(_cfg(tiny_model_dir, data, tmp_path / "a-file" / "run", extra=["train.max_steps=1"]))
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(safety.tempfile, "mkstemp", read_only)  # what a read-only mount answers (root bypasses chmod)
+    with pytest.raises(ConfigError, match=r"output_dir: .*/ro/run cannot be written \(Read-only file system: "):
+        train(_cfg(tiny_model_dir, data, tmp_path / "ro" / "run", extra=["train.max_steps=1"]))
+    assert not (tmp_path / "ro").exists()  # nothing was created
+
+
 def test_a_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny_model_dir, data, tmp_path, monkeypatch):
     from preflab.train import safety
 
@@ -129,6 +193,48 @@ def test_a_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny_mod
     with pytest.raises(ConfigError, match=r"GiB free, one checkpoint needs about"):
         train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=2"]))
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_outside_the_steps_ends_in_a_sentence_and_loses_no_step(tiny_model_dir, data, tmp_path, monkeypatch,
+                                                                        capsys):
+    from preflab.cli import main
+    from preflab.train.safety import TrainingInterrupted
+
+    def interrupted(self, policy_is_reference=False):
+        if self.state["step"] in stops:
+            raise KeyboardInterrupt
+        return None
+
+    monkeypatch.setattr(TrainingRun, "evaluate", interrupted)
+    stops = {0}  # during the evaluation before training: nothing to save
+    assert main(["train", *_args(tiny_model_dir, data, tmp_path / "r", "train.max_steps=3")]) == 130
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT during the preparation before training at step 0 (no step had finished, nothing to " \
+           "save); rerun the same command to resume" in err and "Traceback" not in err
+    assert not list_checkpoints(tmp_path / "r")
+    stops = {3}  # during the evaluation after training: the trained steps are checkpointed first
+    with pytest.raises(TrainingInterrupted, match=r"during the evaluation after training at step 3 \(checkpoint "
+                                                  r".*step-00000003\)") as stopped:
+        train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=3"]))
+    assert stopped.value.exit_code == 130 and not (tmp_path / "r" / "final").exists()
+    stops = set()
+    assert train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=3"])).steps == 3  # no step again
+    assert (tmp_path / "r" / "final").is_dir()
+
+
+def test_a_finished_run_with_a_changed_setting_is_refused_and_left_as_it_was(tiny_model_dir, data, tmp_path):
+    train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=2"]))
+    before = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"holds a finished run \(step-00000002\) trained with other settings "
+                                          r"\(train.lr: 0.01 -> 0.005\).*raise train.max_steps to continue it"):
+        train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=2", "train.lr=5e-3"]))
+    assert (tmp_path / "r" / "config.yaml").read_text() == before
+    assert not list((tmp_path / "r").glob("config.before-*"))
+    assert train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=2"])).steps == 2  # unchanged: ok
+    # an evaluation setting acts on a finished run: its evaluation after training runs again
+    again = train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=2", "eval.num_prompts=3"]))
+    assert again.steps == 2 and "num_prompts: 3" in (tmp_path / "r" / "config.yaml").read_text()
+    assert train(_cfg(tiny_model_dir, data, tmp_path / "r", extra=["train.max_steps=3"])).steps == 3  # continued
 
 
 # -- real signals, in a child process --------------------------------------------------------------------------
