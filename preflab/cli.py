@@ -55,10 +55,15 @@ def _print_summary(result) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .train import train
 
+    if not args.args and not args.defaults:  # a typo'd command line must not start an hour-long default run
+        raise ConfigError("train: give a config file (for example configs/dpo.yaml) and/or key=value "
+                          "overrides; --defaults trains the built-in defaults (LoRA DPO on the built-in model)")
     path, overrides = _config_args(args.args)
+    if path is not None and args.defaults:
+        raise ConfigError(f"train: --defaults and the config file {path}: give one of them")
     config = load_config(path, overrides)
     try:
         result = train(config)
@@ -95,7 +100,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_run
 
-    print(f"exported to {export_run(args.run_dir, args.out_dir, args.dtype)}")
+    print(f"exported to {export_run(args.run_dir, args.out_dir, args.dtype, args.overwrite)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -163,16 +168,32 @@ def cmd_data_build(args: argparse.Namespace) -> None:
     print(f"data card: {write_data_card(args.out, args.task)}")
 
 
+_KEYS_EPILOG = """\
+keys: every setting is a dotted key of the YAML tree, e.g. train.lr=1e-4 loss.beta=0.2 parametrization.kind=ropo.
+  preflab config CONFIG [key=value ...]   prints every key the run reads, with its value (defaults filled in)
+  README.md, "A short tour"               what each section and key means (Config, Data, Resume, ...)
+  a wrong key is refused before any work, with the close matches
+
+examples:
+  preflab train configs/dpo.yaml
+  preflab train configs/dpo.yaml train.lr=1e-4 output_dir=runs/try
+  preflab train configs/dpo.yaml parametrization.kind=ropo   (the other kind's settings are dropped, with a note)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preflab", description="Preference optimization of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a policy from a YAML config plus key.sub=value overrides")
+    p = sub.add_parser("train", help="train a policy from a YAML config plus key.sub=value overrides",
+                       epilog=_KEYS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--defaults", action="store_true", help="with no CONFIG: train the built-in defaults")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("config", help="print the resolved config (validation only)")
+    p = sub.add_parser("config", help="print the resolved config (validation only)", epilog=_KEYS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
     p.set_defaults(func=cmd_config)
 
@@ -180,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR (an earlier export)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="judge a run or model by its generations on a task's held-out prompts")
@@ -229,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.dataset import DataError
     from .data.sources import DataSourceError
+    from .export import ExportError
     from .models.loader import ModelNotFoundError
     from .train import TrainingError
     from .train.checkpoint import CheckpointError
@@ -244,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"preflab: {e}", file=sys.stderr)
         return e.exit_code
-    except (ConfigError, DataError, DataSourceError, ModelNotFoundError, TrainingError, CheckpointError,
-            OSError) as e:  # OSError: a file that cannot be read or written (missing, full disk, read-only)
+    except (ConfigError, DataError, DataSourceError, ExportError, ModelNotFoundError, TrainingError,
+            CheckpointError, OSError) as e:  # OSError: a file that cannot be read or written (missing, disk full)
         print(f"preflab: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,8 +14,10 @@ single mapping or a list of mappings summed with their ``weight``) and ``optim``
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -33,6 +35,8 @@ from .train.settings import TrainConfig
 
 __all__ = ["Component", "Config", "ConfigError", "DataConfig", "DiagConfig", "DomainConfig", "GenerationEvalConfig",
            "ModelConfig", "ScorerConfig", "TrainConfig", "config_changes", "dump_config", "load_config", "resolve"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -298,10 +302,49 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for section, (_, _, default) in _component_registries().items():
         if tree.get(section) is None:  # so that "loss.beta=0.2" works without a loss section
             tree[section] = dict(default)
+    given = copy.deepcopy(tree)
+    overridden = []
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(tree, keys, value)
+        overridden.append(tuple(keys))
+    _drop_settings_of_the_other_choice(given, tree, overridden)
     return resolve(tree)
+
+
+def _drop_settings_of_the_other_choice(given: dict, tree: dict, overridden: list[tuple[str, ...]]) -> None:
+    """``parametrization.kind=ropo`` on a LoRA recipe switches the component: the recipe's settings that the new
+    choice does not have (LoRA's ``r``) are dropped with a note. A setting given on the command line is kept, so a
+    wrong one is still refused by name."""
+    registries = _component_registries()
+    for keys in overridden:
+        if keys[0] not in registries or keys[-1] != registries[keys[0]][0] or len(keys) not in (2, 3):
+            continue  # not a component's name: parametrization.kind, optim.name, loss.name or loss.1.name
+        key, choices = registries[keys[0]][:2]
+        before, after = _node(given, keys[:-1]), _node(tree, keys[:-1])
+        if not isinstance(before, dict) or not isinstance(after, dict) or before.get(key) == after.get(key):
+            continue
+        if not isinstance(after.get(key), str) or after[key] not in choices:
+            continue  # resolution names the unknown choice
+        valid = {f.name for f in dataclasses.fields(choices[after[key]])}
+        dropped = [k for k in after if k != key and k not in valid and (*keys[:-1], k) not in overridden]
+        for k in dropped:
+            del after[k]
+        if dropped:
+            where = ".".join(keys)
+            log.warning("%s=%s: the config's settings of %s %s (%s) do not apply to %s and are dropped", where,
+                        after[key], key, before.get(key), ", ".join(dropped), after[key])
+
+
+def _node(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if isinstance(tree, list) and key.isdigit() and int(key) < len(tree):
+            tree = tree[int(key)]
+        elif isinstance(tree, dict):
+            tree = tree.get(key)
+        else:
+            return None
+    return tree
 
 
 def _to_plain(obj: Any) -> Any:

@@ -22,12 +22,22 @@ def test_config_prints_the_resolved_tree(capsys):
     (("train", "missing.yaml"), "config file missing.yaml does not exist"),
     (("train", "data.train=/nonexistent/file.jsonl", "model.name=/nonexistent/model"), "does not exist"),
     (("export", "/nonexistent/run", "/tmp/out"), "does not exist"),
+    (("train",), "train: give a config file (for example configs/dpo.yaml) and/or key=value overrides; --defaults"),
+    (("train", "--defaults", "configs/dpo.yaml"), "--defaults and the config file configs/dpo.yaml: give one"),
 ])
 def test_user_errors_exit_2_with_one_line(capsys, argv, message):
     code, _, err = _run(capsys, *argv)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert err.startswith("preflab: error:")
+
+
+def test_train_help_says_where_the_keys_are(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "preflab config CONFIG [key=value ...]   prints every key the run reads" in out
+    assert "README.md" in out and "--defaults" in out
 
 
 def test_bad_data_row_names_file_row_and_field(capsys, tmp_path, tiny_model_dir):

@@ -75,6 +75,23 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
+def test_a_component_switched_on_the_command_line_drops_the_settings_of_the_other_choice(caplog):
+    lora = Path(__file__).resolve().parent.parent / "configs" / "dpo.yaml"  # kind: lora, r, alpha, dropout
+    with caplog.at_level("WARNING", logger="preflab.config"):
+        c = load_config(lora, ["parametrization.kind=ropo", "parametrization.factors=[[2, 1]]"])
+    assert c.parametrization.name == "ropo" and c.parametrization.params.factors == ((2, 1),)
+    assert c.parametrization.params.target_modules == ("all-linear",)  # a setting both kinds have is kept
+    assert "settings of kind lora (r, alpha, dropout) do not apply to ropo and are dropped" in caplog.text
+    with pytest.raises(ConfigError, match="parametrization.r: unknown key"):  # given on the command line: refused
+        load_config(lora, ["parametrization.kind=ropo", "parametrization.r=4"])
+    flex = load_config(lora, ["loss.name=flex"])  # the recipe's loss.beta: Flex-DPO has beta_chosen/_rejected
+    assert flex.loss[0].name == "flex" and flex.loss[0].params.beta_chosen == 0.1
+    with pytest.raises(ConfigError, match="loss.beta: unknown key"):
+        load_config(lora, ["loss.name=flex", "loss.beta=0.3"])
+    terms = load_config(None, ["loss=[{name: sigmoid, beta: 0.2}, {name: sft, weight: 0.1}]", "loss.0.name=ipo"])
+    assert [t.name for t in terms.loss] == ["ipo", "sft"]
+
+
 def test_resolved_config_round_trips(tmp_path):
     c = load_config(None, ["loss.name=flex", "loss.beta_rejected=0.05", "parametrization.kind=dora"])
     dump_config(c, tmp_path / "config.yaml")

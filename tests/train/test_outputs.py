@@ -6,7 +6,7 @@ from conftest import sentiment_rows, write_jsonl
 from torch.testing import assert_close
 
 from preflab.config import load_config
-from preflab.export import export_run
+from preflab.export import ExportError, export_run
 from preflab.train import train
 
 
@@ -43,6 +43,27 @@ def test_adapter_loads_with_plain_peft_and_export_matches_its_logits(lora_run, t
         merged_logits = merged(_ids()).logits
     assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=1e-5)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_export_never_overwrites_files_or_writes_into_the_run(lora_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"out is not empty \(it holds notes.txt\).*--overwrite"):
+        export_run(lora_run, out)
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    before = sorted(p.name for p in (lora_run / "final").iterdir())
+    for inside in (lora_run / "final", lora_run / "final" / "merged", lora_run):
+        with pytest.raises(ExportError, match="is the run's own directory.*adapter counts twice"):
+            export_run(lora_run, inside, overwrite=True)
+    assert sorted(p.name for p in (lora_run / "final").iterdir()) == before
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExportError, match="is a file, not a directory"):
+        export_run(lora_run, tmp_path / "file")
+    export_run(lora_run, out, overwrite=True)  # an earlier export replaced: asked for by name
+    assert (out / "config.json").is_file() and (out / "notes.txt").is_file()
+    (tmp_path / "empty").mkdir()
+    assert export_run(lora_run, tmp_path / "empty") == tmp_path / "empty"
 
 
 def test_full_run_final_loads_with_plain_transformers(tiny_model_dir, tmp_path):
