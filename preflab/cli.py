@@ -91,10 +91,13 @@ def _leave_process_group(wait: bool) -> None:
 def cmd_config(args: argparse.Namespace) -> None:
     import yaml
 
+    from .adapters.base import check_parametrization
     from .config import load_config
 
     path, overrides = _config_args(args.args)
-    print(yaml.safe_dump(load_config(path, overrides).to_dict(), sort_keys=False), end="")
+    config = load_config(path, overrides)
+    check_parametrization(config.model.name, config.parametrization)  # the settings against the model's layers
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -1,5 +1,7 @@
 """The command line: user errors end in one clear line and exit code 2, never a traceback."""
 
+import re
+
 import pytest
 from conftest import write_jsonl
 
@@ -47,3 +49,18 @@ def test_bad_data_row_names_file_row_and_field(capsys, tmp_path, tiny_model_dir)
                         f"output_dir={tmp_path / 'run'}")
     assert code == 2
     assert f"{data} row 2: field 'chosen': empty response" in err
+
+
+def test_ropo_factors_that_do_not_divide_a_layer_stop_before_any_work(capsys, tmp_path, tiny_model_dir):
+    from preflab.config import ConfigError, load_config
+    from preflab.train import train
+
+    argv = [f"model.name={tiny_model_dir}", "parametrization.kind=ropo", "parametrization.factors=[[2, 1], [3, 1]]",
+            f"output_dir={tmp_path / 'run'}"]
+    code, out, err = _run(capsys, "config", *argv)
+    message = ("parametrization.factors: factor (3, 1) needs in_features divisible by 3; "
+               "layer model.layers.0.self_attn.q_proj has in_features=32")
+    assert code == 2 and message in err and out == ""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(load_config(None, argv))
+    assert not (tmp_path / "run").exists()  # nothing written, no data read

@@ -81,16 +81,39 @@ class ParametrizationSpec:
     build: Callable[[nn.Module, object], Parametrization]
     # a fast/slow pair of its own for OFS-DPO (model, params, init_same); None: two of it (preflab.ofs.module_pair)
     pair: Callable[[nn.Module, object, bool], Parametrization] | None = None
+    # the settings checked against the model's layers before any work (on its skeleton: the meta device, no
+    # weights); raises ValueError("field: ... naming the layer")
+    check: Callable[[nn.Module, object], None] | None = None
 
 
 _REGISTRY: dict[str, ParametrizationSpec] = {}
 
 
 def register_parametrization(kind: str, params: type, build: Callable[[nn.Module, object], Parametrization],
-                             pair: Callable[[nn.Module, object, bool], Parametrization] | None = None) -> None:
+                             pair: Callable[[nn.Module, object, bool], Parametrization] | None = None,
+                             check: Callable[[nn.Module, object], None] | None = None) -> None:
     if kind in _REGISTRY:
         raise ValueError(f"parametrization {kind!r} registered twice")
-    _REGISTRY[kind] = ParametrizationSpec(kind, params, build, pair)
+    _REGISTRY[kind] = ParametrizationSpec(kind, params, build, pair, check)
+
+
+def check_parametrization(model_name: str, component) -> None:
+    """The parametrization's settings against the layers of ``model_name``, before any work: a
+    :class:`~preflab.config_tree.ConfigError` naming the key and the layer. Skipped where the model's config cannot
+    be read yet (a hub id offline: loading it names the problem)."""
+    from ..config_tree import ConfigError
+    from ..models.loader import skeleton
+
+    spec = _REGISTRY[component.name]
+    if spec.check is None:
+        return
+    model = skeleton(model_name)
+    if model is None:
+        return
+    try:
+        spec.check(model, component.params)
+    except ValueError as e:
+        raise ConfigError(f"parametrization.{e}") from None
 
 
 def parametrization_registry() -> dict[str, ParametrizationSpec]:

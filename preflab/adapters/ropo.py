@@ -88,6 +88,19 @@ def _exact(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _check_width(params: RopoParams, width: int, layer: str) -> None:
+    for b, s in params.factors:
+        if width % (b * s):
+            raise ValueError(f"factors: factor ({b}, {s}) needs in_features divisible by {b * s}; "
+                             f"{layer} has in_features={width}")
+
+
+def check_layers(model: nn.Module, params: RopoParams) -> None:
+    """Every targeted layer's width against the factors (run on the model's skeleton before any work)."""
+    for name in _targets(model, params.target_modules):
+        _check_width(params, model.get_submodule(name).in_features, f"layer {name}")
+
+
 class RopoLinear(nn.Module):
     """A frozen ``nn.Linear`` (``base``) with a trainable input rotation and per-neuron magnitude."""
 
@@ -96,10 +109,7 @@ class RopoLinear(nn.Module):
         self.base, self.config, self.enabled = base, params, True
         self._cache: tuple | None = None
         width, out = base.in_features, base.out_features
-        for b, s in params.factors:
-            if width % (b * s):
-                raise ValueError(f"factors: factor ({b}, {s}) needs in_features divisible by {b * s}; "
-                                 f"a targeted layer has in_features={width}")
+        _check_width(params, width, "a targeted layer")
         # fp32 trainables whatever the base dtype: Adam's tiny steps survive, the deltas are cast per forward
         self.rotation = nn.ParameterList(
             nn.Parameter(torch.zeros(width // b, b * (b - 1) // 2, device=base.weight.device))
@@ -223,4 +233,4 @@ class Ropo(Parametrization):
             {**asdict(self.params), "layers": list(self.layers)}, indent=2))
 
 
-register_parametrization("ropo", RopoParams, Ropo)
+register_parametrization("ropo", RopoParams, Ropo, check=check_layers)

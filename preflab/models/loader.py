@@ -117,6 +117,22 @@ def resolve(name: str) -> ResolvedModel:
     return ResolvedModel(str(cached), True)
 
 
+def skeleton(name: str) -> torch.nn.Module | None:
+    """The model's modules on the meta device (shapes, no weights: instant), to check settings against its layers
+    before any work; None where its config cannot be read here (a hub id offline, an adapter directory)."""
+    from transformers import AutoConfig
+
+    try:
+        resolved = resolve(name)
+        if resolved.is_local and not (Path(resolved.source) / "config.json").is_file():
+            return None  # an adapter: its base model is named inside it
+        config = AutoConfig.from_pretrained(resolved.source, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a model name; sets a pad token (EOS) where the tokenizer has none."""
     tokenizer = AutoTokenizer.from_pretrained(resolve(name).source)

@@ -14,12 +14,14 @@ __all__ = ["RunResult", "TrainingError", "TrainingRun", "train"]
 
 def train(config):
     """Runs ``config`` under its schedule (refused combinations stop before any work); its :class:`RunResult`."""
+    from ..adapters.base import check_parametrization
     from .compat import check_compatible
     from .loop import TrainingRun
     from .safety import check_writable
     from .schedules import schedule_registry
 
     check_compatible(config)
+    check_parametrization(config.model.name, config.parametrization)  # the settings against the model's layers
     check_writable(config.output_dir)  # every schedule's run directory, before any work
     spec = schedule_registry()[config.schedule]
     return (TrainingRun(config) if spec.program is not None else spec.driver(config)).run()

@@ -148,3 +148,23 @@ def test_the_count_formula_counts_the_free_parameters(magnitude):
     param = Ropo(_Custom(), RopoParams(target_modules=("all-linear",), factors=((4, 1), (2, 2)), magnitude=magnitude))
     counted = sum(p.numel() for p in param.model.parameters() if p.requires_grad)
     assert param.trainable_count_formula() == counted == 2 * (8 * 3 // 2 + 8 * 1 // 2) + 2 * 8 * (magnitude != "none")
+
+
+@pytest.mark.parametrize("targets,factors,message", [
+    (("down_proj",), ((3, 1),), r"^factors: factor \(3, 1\) needs in_features divisible by 3; "
+                                r"layer model.layers.0.mlp.down_proj has in_features=64$"),
+    (("down_proj", "q_proj"), ((2, 1), (2, 32)), r"^factors: factor \(2, 32\) needs in_features divisible by 64; "
+                                                 r"layer model.layers.0.self_attn.q_proj has in_features=32$"),
+])
+def test_the_factors_are_checked_against_every_targeted_layer_of_a_skeleton(targets, factors, message):
+    from conftest import tiny_config
+    from transformers import LlamaForCausalLM
+
+    from preflab.adapters.ropo import check_layers
+
+    with torch.device("meta"):  # shapes only, as before a run
+        model = LlamaForCausalLM(tiny_config(100))
+    with pytest.raises(ValueError, match=message):
+        check_layers(model, RopoParams(target_modules=targets, factors=factors))
+    check_layers(model, RopoParams(target_modules=("down_proj",), factors=((2, 32),)))  # 64 = 2·32 divides 64
+    check_layers(model, RopoParams(target_modules=("all-linear",), factors=((2, 16), (4, 4))))
