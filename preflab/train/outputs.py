@@ -26,6 +26,16 @@ class TrainingError(RuntimeError):
     """Training cannot continue (a non-finite loss); the message says at which step and on which rows."""
 
 
+# the held-out metrics a run's summary shows, with their labels (the CLI's summary and final/'s model card)
+HELD_OUT_SUMMARY = (("loss", "loss"), ("rewards/accuracies", "preference accuracy (implicit reward)"),
+                    ("pref/logp_accuracy_per_token", "likelihood preference (per token)"),
+                    ("rewards/margins", "reward margin"))
+
+
+def format_metric(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 @dataclass
 class RunResult:
     run_dir: Path
