@@ -88,12 +88,15 @@ def cmd_config(args: argparse.Namespace) -> None:
     import yaml
 
     from .adapters.base import check_parametrization
-    from .config import load_config
+    from .config import changes_from_defaults, load_config
 
     path, overrides = _config_args(args.args)
     config = load_config(path, overrides)
     check_parametrization(config.model.name, config.parametrization)  # the settings against the model's layers
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    if args.changed:
+        print("\n".join(changes_from_defaults(config)) or "(every setting is the default)")
+    else:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -194,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (validation only)", epilog=_KEYS_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--changed", action="store_true",
+                   help="print only what differs from the defaults (of the same schedule and components), "
+                        "as key: default -> value")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("export", help="write a run's final model as a plain Hugging Face model")
@@ -248,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .console import setup_logging
     from .data.dataset import DataError
     from .data.sources import DataSourceError
     from .export import ExportError
@@ -258,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not user problems
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO, cli=True)
     try:
         args.func(args)
     except TrainingInterrupted as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import types
@@ -34,7 +35,8 @@ from .models.settings import ModelConfig, ScorerConfig
 from .train.settings import TrainConfig
 
 __all__ = ["Component", "Config", "ConfigError", "DataConfig", "DiagConfig", "DomainConfig", "GenerationEvalConfig",
-           "ModelConfig", "ScorerConfig", "TrainConfig", "config_changes", "dump_config", "load_config", "resolve"]
+           "ModelConfig", "ScorerConfig", "TrainConfig", "changes_from_defaults", "config_changes", "dump_config",
+           "load_config", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -365,12 +367,34 @@ def dump_config(config: Config, path: str | Path) -> None:
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain config trees, as ``key: old -> new``."""
+    """Dotted keys whose values differ between two plain config trees, as ``key: old -> new`` (lists of mappings of
+    the same length, the loss terms, key by key: ``loss.0.beta``)."""
     out = []
     for key in list(old) + [k for k in new if k not in old]:
         a, b, path = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
+                isinstance(x, dict) for x in a + b):
+            a, b = dict(zip(map(str, range(len(a))), a)), dict(zip(map(str, range(len(b))), b))
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_changes(a, b, path + ".")
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
+
+
+def changes_from_defaults(config: Config) -> list[str]:
+    """What a config sets that the defaults do not: its schedule and components where they are not the default
+    choices, then every setting against the defaults of its own choices (``preflab config --changed``)."""
+    default = load_config(None, [])
+    out = [f"schedule: {default.schedule!r} -> {config.schedule!r}"] if config.schedule != default.schedule else []
+    for section in ("parametrization", "optim"):
+        a, b = getattr(default, section), getattr(config, section)
+        if a.name != b.name:
+            out.append(f"{section}.{b.key}: {a.name!r} -> {b.name!r}")
+    names = [[t.name for t in c.loss] for c in (default, config)]
+    if names[0] != names[1]:
+        out.append(f"loss: {' + '.join(names[0])} -> {' + '.join(names[1])}")
+    param, optim = config.parametrization, config.optim
+    choices = [f"schedule={config.schedule}", f"parametrization.{param.key}={param.name}",
+               f"optim.{optim.key}={optim.name}", "loss=" + json.dumps([{t.key: t.name} for t in config.loss])]
+    return out + config_changes(load_config(None, choices).to_dict(), config.to_dict())

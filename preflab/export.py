@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import yaml
-
-from .models.loader import load_model, load_tokenizer
+from .models.loader import load_model, load_tokenizer, run_model_name
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +40,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"export: {config_path} is missing; it names the base model of the adapter")
-        base_name = yaml.safe_load(config_path.read_text())["model"]["name"]
+        base_name = run_model_name(run_dir)
+        if base_name is None:
+            raise FileNotFoundError(f"export: {run_dir / 'config.yaml'} is missing; it names the base model of the "
+                                    "adapter")
         model = PeftModel.from_pretrained(load_model(base_name, dtype), final).merge_and_unload()
     else:
         model = load_model(str(final), dtype)

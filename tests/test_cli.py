@@ -34,6 +34,20 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, message):
     assert err.startswith("preflab: error:")
 
 
+def test_config_changed_prints_what_differs_from_the_defaults_of_the_same_choices(capsys):
+    code, out, _ = _run(capsys, "config", "--changed", "configs/dpo.yaml", "train.batch_size=4")
+    lines = out.splitlines()
+    assert code == 0 and "train.lr: 0.0005 -> 0.001" in lines and "train.batch_size: 8 -> 4" in lines
+    assert "eval.task: None -> 'sentiment'" in lines and not any(line.startswith(("schedule", "loss", "optim",
+                                                                                   "ofs.")) for line in lines)
+    code, out, _ = _run(capsys, "config", "--changed", "parametrization.kind=ropo", "schedule=ofs",
+                        "loss=[{name: sigmoid, beta: 0.2}, {name: sft, weight: 0.1}]")
+    assert out.splitlines() == ["schedule: 'offline' -> 'ofs'", "parametrization.kind: 'lora' -> 'ropo'",
+                                "loss: sigmoid -> sigmoid + sft", "loss.0.beta: 0.1 -> 0.2",
+                                "loss.1.weight: 1.0 -> 0.1"]
+    assert _run(capsys, "config", "--changed")[1] == "(every setting is the default)\n"
+
+
 def test_train_help_says_where_the_keys_are(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -18,8 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
+from ..console import progress as progress_of
 from ..models.generate import SamplingConfig, sample_responses
 from ..rewards import get_reward
 from ..tasks import get_task
@@ -111,7 +110,7 @@ def build_pairs(cfg: BuildConfig, out_dir: str | Path, model=None, tokenizer=Non
         tokenizer = tokenizer or load_tokenizer(cfg.model)
         model = model or load_model(cfg.model)
         with samples_path.open("a", encoding="utf-8") as f:
-            for b in tqdm(todo, desc=f"build {cfg.task}/{cfg.split}", disable=not progress, unit="batch"):
+            for b in progress_of(todo, desc=f"build {cfg.task}/{cfg.split}", unit="batches", enabled=progress):
                 responses = sample_responses(
                     model, tokenizer, batches[b], cfg.k, cfg.sampling, seed=sample_seed * 1_000_003 + b
                 )

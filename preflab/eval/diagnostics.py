@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import DiagConfig
+from ..console import progress
 from ..data.tokenize import TokenizedPair
 from ..models.generate import SamplingConfig, generate
 from ..models.scorer import SequenceScorer
@@ -57,7 +58,8 @@ class ThreeDProbe:
         prompts = self.heldout_prompts[: cfg.probe_prompts]
         sampling = SamplingConfig(max_new_tokens=cfg.probe_max_new_tokens, temperature=cfg.probe_temperature)
         rows: Rows = []
-        for b, start in enumerate(range(0, len(prompts), self.batch_size)):
+        starts = range(0, len(prompts), self.batch_size)
+        for b, start in enumerate(progress(starts, desc="3D probe: sampling from the reference", unit="batches")):
             groups = generate(reference, tokenizer, prompts[start:start + self.batch_size], cfg.probe_samples,
                               sampling, seed=self.seed * 1_000_003 + b)
             rows += [(g.prompt_ids, g.response_ids) for group in groups for g in group if g.response_ids]
@@ -67,6 +69,22 @@ class ThreeDProbe:
                                    for p, r in rows))
             tmp.replace(cache)
         return rows
+
+    def plan(self, cache: Path | None) -> str:
+        """What :meth:`prepare` will do, in words (logged before it starts: sampling can take minutes)."""
+        cfg, n_seen = self.cfg, len(self.seen_rows) // 2
+        what = f"scoring {n_seen} seen pairs"
+        if cfg.probe_kind == "reference_samples" and self.heldout_prompts:
+            n = min(cfg.probe_prompts, len(self.heldout_prompts))
+            if cache is not None and cache.is_file():
+                what += f" and the probe responses stored in {cache}"
+            else:
+                what += (f", sampling {n * cfg.probe_samples} probe responses ({n} held-out prompts x "
+                         f"{cfg.probe_samples}, up to {cfg.probe_max_new_tokens} new tokens) and scoring them")
+        elif self.probe_rows:
+            what += f" and {len(self.probe_rows)} cross-prompt probe responses"
+        return (f"3D diagnostics: {what} under the reference, once before the first step (diag.probe_prompts, "
+                f"diag.probe_max_new_tokens and diag.seen_pairs size it; diag.enabled=false skips it)")
 
     def prepare(self, reference: Callable[[], AbstractContextManager[nn.Module]], tokenizer, device,
                 chunk_size: int, cache: Path | None = None) -> None:

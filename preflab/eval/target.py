@@ -16,14 +16,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from ..config import ConfigError, GenerationEvalConfig
 from ..data.dataset import load_pairs
 from ..data.sources import BUILTIN_ROOT
 from ..data.tokenize import PairTokenizer
 from ..losses import build_objective
-from ..models.loader import DEFAULT_MODEL, load_model, load_tokenizer
+from ..models.loader import DEFAULT_MODEL, load_model, load_tokenizer, run_model_name
 from ..models.scorer import SequenceScorer
 from .generation import GenerationEvaluator
 from .preference import preference_metrics, score_pairs
@@ -31,9 +29,8 @@ from .preference import preference_metrics, score_pairs
 
 def _policy_and_reference(target: str, reference_name: str | None):
     run_dir = Path(target)
-    config_path = run_dir / "config.yaml"
-    if run_dir.is_dir() and config_path.is_file() and (run_dir / "final").is_dir():
-        base_name = yaml.safe_load(config_path.read_text())["model"]["name"]
+    base_name = run_model_name(run_dir) if (run_dir / "final").is_dir() else None
+    if base_name is not None:
         final = run_dir / "final"
         if (final / "adapter_config.json").is_file() and reference_name is None:
             from peft import PeftModel

@@ -167,11 +167,20 @@ def load_model(name: str, dtype: str = "float32", attn_implementation: str | Non
 def _adapter_base(adapter_dir: Path, peft_config) -> str:
     """The base of an adapter: the built-in model a preflab run trained it on (its ``adapter_config.json`` names
     the built-in's hub source, for other machines), else the base the adapter names."""
+    name = run_model_name(adapter_dir.parent) if adapter_dir.name == "final" else None
+    return name if name in _BUILTIN_GGUF else peft_config.base_model_name_or_path
+
+
+def run_model_name(run_dir: str | Path) -> str | None:
+    """The ``model.name`` that a preflab run directory's ``config.yaml`` records (the base an adapter run trained
+    on); None where the directory holds no ``config.yaml``."""
     import yaml
 
-    run_config = adapter_dir.parent / "config.yaml"
-    if adapter_dir.name == "final" and run_config.is_file():
-        name = (yaml.safe_load(run_config.read_text()) or {}).get("model", {}).get("name")
-        if name in _BUILTIN_GGUF:
-            return name
-    return peft_config.base_model_name_or_path
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        name = (yaml.safe_load(path.read_text()) or {})["model"]["name"]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise ModelNotFoundError(f"{path}: cannot read the run's model.name ({type(e).__name__}: {e})") from None
+    return str(name)

@@ -13,13 +13,16 @@ __all__ = ["RunResult", "TrainingError", "TrainingRun", "train"]
 
 
 def train(config):
-    """Runs ``config`` under its schedule (refused combinations stop before any work); its :class:`RunResult`."""
+    """Runs ``config`` under its schedule (refused combinations stop before any work); its :class:`RunResult`.
+    Logs as ``preflab train`` does (INFO lines on stderr) unless the application has set up logging itself."""
     from ..adapters.base import check_parametrization
+    from ..console import setup_logging
     from .compat import check_compatible
     from .loop import TrainingRun
     from .safety import check_writable
     from .schedules import schedule_registry
 
+    setup_logging()
     check_compatible(config)
     check_parametrization(config.model.name, config.parametrization)  # the settings against the model's layers
     check_writable(config.output_dir)  # every schedule's run directory, before any work

@@ -45,6 +45,7 @@ from ..models.scorer import SequenceScorer, eval_mode
 from ..tasks import get_task
 from .engine import cpu_processes
 from .loop import TrainingRun
+from .model_card import write_final_card
 from .outputs import RunResult, TrainingError, copy_dir_atomically, record_config, save_model_atomically, write_json
 from .schedules import pin_for_inner_runs, register_schedule
 
@@ -315,10 +316,20 @@ class ApoRun:
             (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
             returned = last / ("extrapolated" if self.ac.return_extrapolated and self.ac.alpha > 0 else "policy")
             copy_dir_atomically(returned, self.run_dir / "final")
-        self.processes.wait_for_everyone()
         first_eval = json.loads((self.iteration_dir(0) / "train" / "eval.json").read_text())
         last_eval = json.loads((last / "train" / "eval.json").read_text())
         generation = json.loads((last / "eval.json").read_text())["policy"] if (last / "eval.json").is_file() else None
+        if self.main:
+            ac = self.ac
+            card_eval = {"before": first_eval.get("before"), "after": last_eval.get("after"),
+                         "generation": {generation["task"]: generation} if generation else {}}
+            write_final_card(self.run_dir / "final", self.config, card_eval, records[-1]["step"], (
+                f"- APO: {ac.iterations} iterations (sample, score, pair, train) of the `{ac.inner}` schedule, "
+                f"Nesterov alpha {ac.alpha}; `final/` is iteration {ac.iterations}'s "
+                f"{returned.name} model with every adapter merged into the weights; held-out pairs: before "
+                "iteration 1 and after the last; generations: the last iteration's policy against the starting "
+                "model",))
+        self.processes.wait_for_everyone()
         seconds = sum(r["time/training_seconds"] for r in records)
         return RunResult(self.run_dir, records[-1]["step"], seconds, first_eval.get("before"), last_eval.get("after"),
                          generation)

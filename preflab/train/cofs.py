@@ -54,6 +54,7 @@ from .cofs_combine import Combination
 from .compat import check_compatible
 from .engine import cpu_processes
 from .loop import TrainingRun
+from .model_card import write_final_card
 from .outputs import RunResult, copy_dir_atomically, record_config, save_model_atomically, write_json, write_rows
 from .schedules import pin_for_inner_runs, register_schedule
 
@@ -324,6 +325,11 @@ class DomainsRun:
             write_json(self.run_dir / "matrix.json", summary)
             (self.run_dir / "metrics.jsonl").write_text("".join(lines))
             copy_dir_atomically(self.stage_dir(len(records) - 1) / "model", self.run_dir / "final")
+            write_final_card(self.run_dir / "final", self.config, {}, steps, (
+                f"- continual alignment, `cofs.arm={self.cc.arm}`: one stage per domain ({', '.join(names)}); "
+                "`final/` is the model after the last stage, every adapter merged into the weights",
+                "- score after each stage (gold reward, or implicit accuracy without a task):", "",
+                "```", format_matrix(summary), "```"))
         self.processes.wait_for_everyone()
         return RunResult(self.run_dir, steps, sum(r["seconds"] for r in records), None, None, None,
                          f"cofs.arm={self.cc.arm}, score after each stage (gold reward, or implicit accuracy "

@@ -4,6 +4,7 @@ generation-based evaluation at the end (``eval.task``, the main process alone)."
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,8 @@ from ..losses import Objective
 from ..models.scorer import eval_mode
 from .engine import Engine
 from .reference import ReferenceLogps
+
+log = logging.getLogger(__name__)
 
 
 class Evaluation:
@@ -61,6 +64,7 @@ class Evaluation:
         log line (None without a probe)."""
         line = None
         if self.probe is not None:
+            log.info(self.probe.plan(cache))
             t0 = time.perf_counter()
             self.probe.prepare(param.reference, tokenizer, self.engine.device, self.config.scorer.chunk_size,
                                cache=cache)
@@ -68,7 +72,7 @@ class Evaluation:
             if not self.probe.history:  # the starting point of every curve (zero when the policy is the reference)
                 self.measure_probe(policy_scorer, None)
             line = (f"3D diagnostics: {len(self.probe.seen_rows) // 2} seen pairs, {len(self.probe.probe_rows)} probe "
-                    f"responses ({time.perf_counter() - t0:.1f} s to prepare)")
+                    f"responses, prepared in {time.perf_counter() - t0:.1f} s")
         if self.energy is not None:
             self.energy.prepare(param.reference)
         return line

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from tqdm import tqdm
 from transformers import get_scheduler
 
 from ..adapters import Parametrization
 from ..config import Config, ConfigError
+from ..console import progress
 from ..data.collate import PreferenceBatch, collate_pairs
 from ..data.dataset import load_pairs
 from ..data.tokenize import PairTokenizer
@@ -285,15 +285,15 @@ class TrainingRun:
             self.eval_record.pop("generation", None)
         self.program.after_restore(self)
 
-    def _train_steps(self, bar: tqdm, writer: MetricsWriter | None, stop: StopRequest) -> None:
+    def _train_steps(self, bar, writer: MetricsWriter | None, stop: StopRequest) -> None:
         tc = self.config.train
         while self.state["step"] < self.total_steps:
             record = self.optimizer_step()
             step = record["step"]
-            bar.update(1)
             if "loss" in record:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}",
                                 acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            bar.update(1)
             self.evaluation.at_step(step, self.total_steps, record, self.scorer, self.param.policy_module())
             if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
                 evaluation = self.evaluate()
@@ -357,8 +357,8 @@ class TrainingRun:
             if self.reference.cache is not None and self.reference.precompute_all:
                 self.reference.precompute(tc.eval_batch_size, tc.progress)
         self.scorer.train()
-        bar = tqdm(total=self.total_steps, initial=self.state["step"], disable=not (tc.progress and main),
-                   desc="train", unit="step")
+        bar = progress(total=self.total_steps, initial=self.state["step"], enabled=tc.progress and main,
+                       desc="train", unit="steps", every=tc.logging_steps)
         with StopRequest() as stop:
             self._train_steps(bar, writer, stop)
         bar.close()

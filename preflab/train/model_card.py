@@ -24,8 +24,9 @@ def loadable_base_name(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def write_final_card(final: Path, config, eval_record: dict, steps: int) -> None:
-    """Fix ``adapter_config.json``'s base model (adapters) and write ``final/README.md``."""
+def write_final_card(final: Path, config, eval_record: dict, steps: int, schedule: tuple[str, ...] = ()) -> None:
+    """Fix ``adapter_config.json``'s base model (adapters) and write ``final/README.md``; ``schedule``: the lines
+    of an outer schedule (APO's iterations, COFS's stages) that made ``final/`` out of its inner runs."""
     base = loadable_base_name(config.model.name)
     adapter_config = final / "adapter_config.json"
     adapter = adapter_config.is_file()
@@ -33,7 +34,7 @@ def write_final_card(final: Path, config, eval_record: dict, steps: int) -> None
         record = json.loads(adapter_config.read_text())
         record["base_model_name_or_path"] = base
         adapter_config.write_text(json.dumps(record, indent=2, sort_keys=True))
-    (final / "README.md").write_text(_card(config, eval_record, steps, base, adapter), encoding="utf-8")
+    (final / "README.md").write_text(_card(config, eval_record, steps, base, adapter, schedule), encoding="utf-8")
 
 
 def _component(c) -> str:
@@ -41,7 +42,7 @@ def _component(c) -> str:
     return f"`{c.name}` ({params})" if params else f"`{c.name}`"
 
 
-def _card(config, eval_record: dict, steps: int, base: str, adapter: bool) -> str:
+def _card(config, eval_record: dict, steps: int, base: str, adapter: bool, schedule: tuple[str, ...] = ()) -> str:
     kind = config.parametrization.name
     tags = ["preflab", config.schedule, *(t.name for t in config.loss), kind]
     lines = ["---", f"base_model: {base}", f"library_name: {'peft' if adapter else 'transformers'}",
@@ -54,7 +55,8 @@ def _card(config, eval_record: dict, steps: int, base: str, adapter: bool) -> st
              f"- objective: {' + '.join(_component(t) for t in config.loss)}",
              f"- parametrization: {_component(config.parametrization)}",
              f"- optimizer: {_component(config.optim)}",
-             f"- data: train `{config.data.train}`, held out `{config.data.eval or 'none'}`", ""]
+             f"- data: train `{config.data.train}`, held out `{config.data.eval or 'none'}`",
+             *schedule, ""]
     before, after = eval_record.get("before") or {}, eval_record.get("after") or {}
     if after:
         lines += [f"## Held-out pairs ({after.get('num_pairs', '?')})", "", "| metric | before | after |",

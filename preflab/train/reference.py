@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..adapters import Parametrization
+from ..console import progress as progress_of
 from ..data.collate import PreferenceBatch
 from ..data.tokenize import TokenizedPair
 from ..models.reference_cache import ReferenceCache, default_cache_dir, model_fingerprint, pair_key
@@ -90,7 +90,7 @@ class ReferenceLogps:
         chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
         # the same number of forwards on every process where they are collectives: the short ones repeat one
         chunks += [chunks[-1] if chunks else [own[0] if own else 0]] * (engine.common_count(len(chunks)) - len(chunks))
-        for chunk in tqdm(chunks, desc="reference", unit="batch", disable=not (progress and engine.is_main)):
+        for chunk in progress_of(chunks, desc="reference", unit="batches", enabled=progress and engine.is_main):
             self.logps(chunk, self.collate(chunk))
         self.cache.save()
         engine.barrier()

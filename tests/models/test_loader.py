@@ -52,3 +52,27 @@ def test_directory_without_a_model(tmp_path):
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="model.dtype"):
         load_model(DEFAULT_MODEL, dtype="float8")
+
+
+@pytest.mark.parametrize("text,expected", [(None, None), ("model:\n  name: smollm2-135m-instruct\n", DEFAULT_MODEL),
+                                           ("model: {name: /models/base}\nseed: 0\n", "/models/base")])
+def test_a_run_directory_names_its_base_model(tmp_path, text, expected):
+    """export, evaluate and the adapter loader read a run's model.name through this one helper."""
+    from preflab.models.loader import run_model_name
+
+    if text is not None:
+        (tmp_path / "config.yaml").write_text(text)
+    assert run_model_name(tmp_path) == expected
+
+
+@pytest.mark.parametrize("text", ["seed: 0\n", "model: [1, 2]\n", "model: {name: [unclosed\n"])
+def test_a_run_config_without_a_readable_model_name_is_named(tmp_path, text):
+    from preflab.cli import main
+    from preflab.models.loader import run_model_name
+
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ModelNotFoundError, match=f"{tmp_path / 'config.yaml'}: cannot read the run's model.name"):
+        run_model_name(tmp_path)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "adapter_config.json").write_text("{}")
+    assert main(["export", str(tmp_path), str(tmp_path.parent / "out")]) == 2  # one line, not a KeyError

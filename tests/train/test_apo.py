@@ -66,6 +66,12 @@ def test_lora_extrapolates_merged_weights(tiny_model_dir, tmp_path):
     assert records[0]["apo/extrap_norm"] > 0 and records[1]["apo/extrap_norm"] == 0
     assert all("gold/reward" in r and "gold/win_rate" in r for r in records)
     assert json.loads((out / "iter-2" / "eval.json").read_text())["policy"]["task"] == "concision"
+    card = (out / "final" / "README.md").read_text()  # final/'s card describes the APO run, not its last inner run
+    assert "schedule: `apo`, 4 steps" in card and "library_name: transformers" in card
+    assert "- APO: 2 iterations (sample, score, pair, train) of the `offline` schedule, Nesterov alpha 0.3; " \
+           "`final/` is iteration 2's policy model" in card
+    gold = json.loads((out / "iter-2" / "eval.json").read_text())["policy"]["gold/reward"]
+    assert "## Generations: task `concision` (4 held-out prompts)" in card and f"| {gold:.4f} |" in card
 
 
 def test_three_iterations_follow_the_spec_coefficients(tiny_model_dir, tmp_path):

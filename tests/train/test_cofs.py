@@ -98,6 +98,10 @@ def test_cofs_combines_the_stored_modules_exactly_and_scores_every_domain(tiny_m
     assert result.seconds == pytest.approx(sum(r["seconds"] for r in stages))
     assert not (s1 / "module").exists()  # LoRA modules are combined as adapters: no dense change stored
     assert (out / "final" / "config.json").is_file()
+    card = (out / "final" / "README.md").read_text()  # final/'s card describes the whole run, not stage 2's
+    assert "- continual alignment, `cofs.arm=cofs`: one stage per domain (a, b)" in card
+    assert "schedule: `cofs`, 8 steps" in card and "library_name: transformers" in card
+    assert "average forgetting" in card
 
 
 def test_fresh_modules_replay_and_projected_gradients(tiny_model_dir, domains, tmp_path):
