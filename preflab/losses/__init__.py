@@ -6,7 +6,20 @@
 
 from __future__ import annotations
 
-from . import cal_dpo, dpo, hinge, regression, sft  # noqa: F401  (each module registers its losses)
+from . import (  # noqa: F401  (each module registers its losses)
+    anchored,
+    aot,
+    cal_dpo,
+    discopop,
+    dpo,
+    exo,
+    hinge,
+    per_response,
+    reference_free,
+    regression,
+    robust,
+    sft,
+)
 from .base import LossHParams, LossOutput, Objective, PairLogps, loss_registry, register_loss
 
 __all__ = ["LossHParams", "LossOutput", "Objective", "PairLogps", "build_objective", "loss_registry",

@@ -34,12 +34,16 @@ class PairLogps:
             return self.policy_chosen / self.chosen_tokens, self.policy_rejected / self.rejected_tokens
         return self.policy_chosen, self.policy_rejected
 
-    def logratios(self, normalize: str) -> tuple[Tensor, Tensor]:
-        """``ρ⁺ = logp_θ(y⁺) − logp_ref(y⁺)`` and ``ρ⁻``, shape ``(B,)``, per token if ``normalize='mean'``."""
+    def reference(self, normalize: str) -> tuple[Tensor, Tensor]:
+        """The reference's log-probs of chosen and rejected, per token if ``normalize='mean'``."""
         if self.ref_chosen is None or self.ref_rejected is None:
             raise ValueError("this objective needs reference log-probs, but none were given")
         ref = PairLogps(self.ref_chosen, self.ref_rejected, None, None, self.chosen_tokens, self.rejected_tokens)
-        (pc, pr), (rc, rr) = self.policy(normalize), ref.policy(normalize)
+        return ref.policy(normalize)
+
+    def logratios(self, normalize: str) -> tuple[Tensor, Tensor]:
+        """``ρ⁺ = logp_θ(y⁺) − logp_ref(y⁺)`` and ``ρ⁻``, shape ``(B,)``, per token if ``normalize='mean'``."""
+        (rc, rr), (pc, pr) = self.reference(normalize), self.policy(normalize)
         return pc - rc, pr - rr
 
 

@@ -149,7 +149,8 @@ def test_count_of_the_worked_example():
 
 
 def test_a_layer_width_the_factors_do_not_divide_is_refused():
-    with pytest.raises(ValueError, match="in_features divisible by 16"):
+    with pytest.raises(ValueError, match="^factors: factor \\(2, 8\\) needs in_features divisible by 16; a targeted "
+                                         "layer has in_features=24$"):
         RopoLinear(nn.Linear(24, 8), RopoParams())
 
 

@@ -37,10 +37,14 @@ def test_register_loss_adds_a_spec_and_refuses_a_name_twice():
 
         base._REGISTRY.pop("_test_only", None)
         base._REGISTRY.pop("_test_only_free", None)
-    assert {n for n, s in loss_registry().items() if s.reference_free} == {"sft"}
+    assert {n for n, s in loss_registry().items() if s.reference_free} == {"cpo", "orpo", "sft", "simpo"}
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "sft"])
+# (sft and cpo's NLL term have their own normalize key; simpo, orpo and sigmoid_norm are per-token by default)
+PER_SEQUENCE = [n for n in NAMES if n not in ("sft", "cpo") and loss_registry()[n].hparams().logp_normalize == "sum"]
+
+
+@pytest.mark.parametrize("name", PER_SEQUENCE)
 def test_mean_normalisation_is_the_sum_objective_of_per_token_log_probs(name):
     logps = _logps()
     per_token = PairLogps(*(t / c for t, c in ((logps.policy_chosen, logps.chosen_tokens),
