@@ -87,6 +87,16 @@ class LossHParams:
             return None
         return replace(self, beta=beta)
 
+    def _require_label_smoothing(self) -> None:
+        """ε, a label-flip probability, in [0, 0.5)."""
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing!r}")
+
+    def _require_non_negative(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+
     def _require_positive(self, *names: str) -> None:
         for name in names:
             if not getattr(self, name) > 0:

@@ -41,8 +41,7 @@ class SigmoidHParams(LossHParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require_positive("beta")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing!r}")
+        self._require_label_smoothing()
         if self.f_divergence not in F_DIVERGENCES:
             raise ValueError(f"f_divergence: expected one of {F_DIVERGENCES}, got {self.f_divergence!r}")
         if not 0.0 < self.f_alpha < 1.0:
@@ -114,8 +113,7 @@ class DPOPHParams(LossHParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require_positive("beta")
-        if self.lambda_ < 0:
-            raise ValueError(f"lambda_: must be >= 0, got {self.lambda_!r}")
+        self._require_non_negative("lambda_")
 
 
 def dpop_loss(logps: PairLogps, hp: DPOPHParams) -> LossOutput:

@@ -35,10 +35,8 @@ class SimPOHParams(LossHParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require_positive("beta")
-        if self.gamma < 0:
-            raise ValueError(f"gamma: must be >= 0, got {self.gamma!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing!r}")
+        self._require_non_negative("gamma")
+        self._require_label_smoothing()
 
 
 def simpo_loss(logps: PairLogps, hp: SimPOHParams) -> LossOutput:
@@ -85,12 +83,10 @@ class CPOHParams(LossHParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require_positive("beta")
-        if self.alpha < 0:
-            raise ValueError(f"alpha: must be >= 0, got {self.alpha!r}")
+        self._require_non_negative("alpha")
         if self.nll_normalize not in NORMALIZE_CHOICES:
             raise ValueError(f"nll_normalize: expected one of {NORMALIZE_CHOICES}, got {self.nll_normalize!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing!r}")
+        self._require_label_smoothing()
 
 
 def cpo_loss(logps: PairLogps, hp: CPOHParams) -> LossOutput:

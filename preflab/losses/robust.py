@@ -22,8 +22,7 @@ class RobustHParams(LossHParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require_positive("beta")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing!r}")
+        self._require_label_smoothing()
 
 
 def robust_loss(logps: PairLogps, hp: RobustHParams) -> LossOutput:
