@@ -24,13 +24,17 @@ simpo (β 2, γ 1): l̄ = logp/5. A: −2 / −2.4 → L(2·0.4 − 1) = L(−0.
   = 0.913015.
 orpo (λ 0.1): log odds(l̄) = l̄ − log(1 − e^l̄). A: −1.854587 and −2.304900, difference 0.450314,
   log σ = −0.493127 → 2 + 0.0493127 = 2.049313. B: difference 0.328472 → 2.3 + 0.0542338 = 2.354234.
+  With ε 0.1, A: 0.9·L(−0.2) + 0.1·L(0.2) = 0.778139; γ 0 (allowed), A: L(0.8) = 0.371101.
 cpo (β 0.1, α 1): L(β·(logp⁺ − logp⁻)) + α·NLL. A: L(0.2) + 10/5 = 2.598139 (nll_normalize sum: + 10 →
-  10.598139). B: L(0.15) + 2.3 = 2.920957.
+  10.598139; ε 0.1: 0.9·L(0.2) + 0.1·L(−0.2) + 2 = 2.618139; logp_normalize mean: L(0.1·0.4) + 2 = 2.673347).
+  B: L(0.15) + 2.3 = 2.920957.
 aot / aot_unpaired on a batch of two pairs, ref of pair 1 changed to −11 / −9 (ρ⁺ 1 / −0.5, ρ⁻ −3 / −2):
   aot: sort(policy margins 2, 1.5) − sort(reference margins −2, 0) = (1.5 + 2, 2 − 0) → L(0.35), L(0.2) =
   0.533382, 0.598139 (pairwise DPO would be L(0.4), L(0.15)).
   aot_unpaired: sort(ρ⁺) − sort(ρ⁻) = (−0.5 + 3, 1 + 2) → L(0.25), L(0.3) = 0.575939, 0.554355.
 """
+
+import math
 
 import pytest
 import torch
@@ -58,6 +62,23 @@ EXPECTED = {
     ("cpo", ()): {"A": 2.598139, "B": 2.920957},
     ("cpo", (("nll_normalize", "sum"),)): {"A": 10.598139, "B": 12.120957},
 }
+ONLY_A = {("simpo", (("label_smoothing", 0.1),)): 0.778139, ("simpo", (("gamma", 0.0),)): 0.371101,
+          ("cpo", (("label_smoothing", 0.1),)): 2.618139, ("cpo", (("logp_normalize", "mean"),)): 2.673347}
+
+
+@pytest.mark.parametrize("key", list(ONLY_A), ids=lambda k: k[0] + "".join(f"-{a}={b}" for a, b in k[1]))
+def test_hand_values_of_the_options(key):
+    name, extra = key
+    out = build_objective([{"name": name, **dict(extra)}])(logps("A"))
+    assert_close(out.losses, torch.tensor([ONLY_A[key]], dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_alpha_divergence_clamps_its_exponent_at_80_as_trl_does():
+    from preflab.losses.dpo import f_prime
+
+    rho = torch.tensor([-200.0, -100.0, 0.0], dtype=torch.float64)  # −αρ = 100, 50, 0 at α = 0.5
+    expected = torch.tensor([-2 * math.exp(80.0), -2 * math.exp(50.0), -2.0], dtype=torch.float64)
+    assert_close(f_prime(rho, "alpha_divergence", 0.5), expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("key", list(EXPECTED), ids=lambda k: k[0] + "".join(f"-{a}={b}" for a, b in k[1]))
@@ -102,6 +123,8 @@ def test_orpo_log_odds_are_exact_near_a_certain_response():
                                       ("sigmoid", {"f_divergence": "kl"}), ("sigmoid", {"f_alpha": 1.0}),
                                       ("simpo", {"gamma": -0.1}), ("orpo", {"lambda_": 0.0}),
                                       ("cpo", {"alpha": -1.0}), ("cpo", {"nll_normalize": "max"}),
+                                      ("sigmoid", {"f_alpha": 0.0}), ("simpo", {"label_smoothing": 0.5}),
+                                      ("cpo", {"label_smoothing": 0.5}), ("robust", {"label_smoothing": -0.1}),
                                       ("nca_pair", {"beta": 0.0})])
 def test_bad_hyperparameters_name_the_field(name, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
