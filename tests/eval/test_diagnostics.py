@@ -35,6 +35,39 @@ def test_policy_equal_to_reference_measures_exactly_zero(tokenizer, kind):
     assert out["3d/p1"] == out["3d/p2"] == out["3d/p3"] == 0.0
 
 
+def test_the_plan_says_what_the_preparation_will_sample_score_or_read(tokenizer, tmp_path, caplog):
+    pt = PairTokenizer(tokenizer)
+    pairs = [pt(normalize_row(r, str(i))) for i, r in enumerate(sentiment_rows(6))]
+    prompts = [p.prompt_ids for p in pairs[:5]]
+    tail = (" under the reference, once before the first step (diag.probe_prompts, diag.probe_max_new_tokens and "
+            "diag.seen_pairs size it; diag.enabled=false skips it)")
+    cfg = DiagConfig(seen_pairs=4, probe_prompts=3, probe_samples=2, probe_max_new_tokens=6)
+    probe = ThreeDProbe(cfg, pairs, prompts, seed=0, pad_id=tokenizer.pad_token_id, batch_size=2)
+    cache = tmp_path / "probe.jsonl"
+    assert probe.plan(cache) == ("3D diagnostics: scoring 4 seen pairs, sampling 6 probe responses (3 held-out "
+                                 "prompts x 2, up to 6 new tokens) and scoring them" + tail)
+    few = ThreeDProbe(DiagConfig(probe_prompts=64), pairs, prompts[:2], 0, tokenizer.pad_token_id, 2)
+    assert "sampling 4 probe responses (2 held-out prompts x 2, up to 256 new tokens)" in few.plan(None)
+    cache.write_text("")
+    assert probe.plan(cache) == f"3D diagnostics: scoring 4 seen pairs and the probe responses stored in {cache}" + tail
+    cross = ThreeDProbe(DiagConfig(seen_pairs=4, probe_kind="cross_prompt"), pairs, prompts, 0, 0, 2)
+    assert cross.plan(None) == "3D diagnostics: scoring 4 seen pairs and 4 cross-prompt probe responses" + tail
+    for kind, held in (("none", prompts), ("reference_samples", [])):  # nothing to sample
+        alone = ThreeDProbe(DiagConfig(seen_pairs=4, probe_kind=kind), pairs, held, 0, 0, 2)
+        assert alone.plan(None) == "3D diagnostics: scoring 4 seen pairs" + tail
+    caplog.set_level("INFO", logger="preflab.progress")
+    model = make_tiny_model(tokenizer, seed=7)
+
+    @contextmanager
+    def same():
+        yield model
+
+    probe.prepare(same, tokenizer, "cpu", chunk_size=64)  # 3 prompts, 2 a batch: two sampling batches
+    lines = [r.getMessage() for r in caplog.records if r.name == "preflab.progress"]
+    assert [line.split(" (")[0] for line in lines] == ["3D probe: sampling from the reference 1/2 batches",
+                                                       "3D probe: sampling from the reference 2/2 batches"]
+
+
 def _probe_with_history(values, window=3):
     probe = ThreeDProbe(DiagConfig(window=window, probe_kind="none"), [], [], 0, 0, 1)
     probe.history = [{"3d/seen_chosen": c, "3d/seen_rejected": r, "log_grad_ratio": g} for c, r, g in values]
