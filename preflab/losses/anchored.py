@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LossOutput, PairLogps, dpo_rewards, register_loss
-from .per_response import BetaHParams
+from .base import BetaHParams, LossOutput, PairLogps, dpo_rewards, register_loss
 
 
 def apo_zero_loss(logps: PairLogps, hp: BetaHParams) -> LossOutput:

@@ -13,21 +13,15 @@ micro-batch ``aot`` is DPO. The rewards reported are DPO's, pair by pair.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import LossOutput, PairLogps, dpo_rewards, register_loss
+from .base import LossOutput, PairLogps, dpo_rewards, register_loss, smoothed_logistic
 from .robust import RobustHParams
-
-
-def _smoothed(delta: torch.Tensor, hp: RobustHParams) -> torch.Tensor:
-    z = hp.beta * delta
-    return -(1 - hp.label_smoothing) * F.logsigmoid(z) - hp.label_smoothing * F.logsigmoid(-z)
 
 
 def aot_loss(logps: PairLogps, hp: RobustHParams) -> LossOutput:
     (rc, rr), (pc, pr) = logps.reference(hp.logp_normalize), logps.policy(hp.logp_normalize)
     delta = torch.sort(pc - pr).values - torch.sort(rc - rr).values
-    return LossOutput(_smoothed(delta, hp), **dpo_rewards(pc - rc, pr - rr, hp.beta))
+    return LossOutput(smoothed_logistic(hp.beta * delta, hp.label_smoothing), **dpo_rewards(pc - rc, pr - rr, hp.beta))
 
 
 register_loss("aot", aot_loss, RobustHParams)
@@ -36,7 +30,7 @@ register_loss("aot", aot_loss, RobustHParams)
 def aot_unpaired_loss(logps: PairLogps, hp: RobustHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     delta = torch.sort(rho_c).values - torch.sort(rho_r).values
-    return LossOutput(_smoothed(delta, hp), **dpo_rewards(rho_c, rho_r, hp.beta))
+    return LossOutput(smoothed_logistic(hp.beta * delta, hp.label_smoothing), **dpo_rewards(rho_c, rho_r, hp.beta))
 
 
 register_loss("aot_unpaired", aot_unpaired_loss, RobustHParams)

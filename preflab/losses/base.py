@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
+import torch.nn.functional as F
 from torch import Tensor
 
 NORMALIZE_CHOICES = ("sum", "mean")
@@ -73,8 +74,7 @@ class LossHParams:
     logp_normalize: str = "sum"
 
     def __post_init__(self) -> None:
-        if self.logp_normalize not in NORMALIZE_CHOICES:
-            raise ValueError(f"logp_normalize: expected one of {NORMALIZE_CHOICES}, got {self.logp_normalize!r}")
+        self._require_choice("logp_normalize", NORMALIZE_CHOICES)
 
     def kl_strength(self) -> float | None:
         """The objective's β (the KL strength of its implicit reward), None when it has none."""
@@ -86,6 +86,10 @@ class LossHParams:
         if "beta" not in {f.name for f in fields(self)}:
             return None
         return replace(self, beta=beta)
+
+    def _require_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
 
     def _require_label_smoothing(self) -> None:
         """ε, a label-flip probability, in [0, 0.5)."""
@@ -101,6 +105,22 @@ class LossHParams:
         for name in names:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class BetaHParams(LossHParams):
+    """An objective whose only setting is β."""
+
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require_positive("beta")
+
+
+def smoothed_logistic(z: Tensor, label_smoothing: float) -> Tensor:
+    """cDPO's ``−(1−ε)·log σ(z) − ε·log σ(−z)``; ε = 0 is the logistic loss ``−log σ(z)``."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
 def dpo_rewards(rho_c: Tensor, rho_r: Tensor, beta_c: float, beta_r: float | None = None) -> dict:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import LossOutput, PairLogps, dpo_rewards, register_loss
-from .per_response import BetaHParams
+from .base import BetaHParams, LossOutput, PairLogps, dpo_rewards, register_loss
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss
+from .base import LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss, smoothed_logistic
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -42,8 +42,7 @@ class SigmoidHParams(LossHParams):
         super().__post_init__()
         self._require_positive("beta")
         self._require_label_smoothing()
-        if self.f_divergence not in F_DIVERGENCES:
-            raise ValueError(f"f_divergence: expected one of {F_DIVERGENCES}, got {self.f_divergence!r}")
+        self._require_choice("f_divergence", F_DIVERGENCES)
         if not 0.0 < self.f_alpha < 1.0:
             raise ValueError(f"f_alpha: must be in (0, 1), got {self.f_alpha!r}")
 
@@ -63,7 +62,7 @@ def sigmoid_loss(logps: PairLogps, hp: SigmoidHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     h = f_prime(rho_c, hp.f_divergence, hp.f_alpha) - f_prime(rho_r, hp.f_divergence, hp.f_alpha)
     z = hp.beta * h
-    losses = -(1 - hp.label_smoothing) * F.logsigmoid(z) - hp.label_smoothing * F.logsigmoid(-z)
+    losses = smoothed_logistic(z, hp.label_smoothing)
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
 
 

@@ -3,24 +3,13 @@ Optimization*, arXiv 2309.06657, eq. 9: ``ℓ = max(0, 1 − β·h)``, with ``h 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .base import LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss
+from .base import BetaHParams, LossOutput, PairLogps, dpo_rewards, register_loss
 
 
-@dataclass(frozen=True)
-class HingeHParams(LossHParams):
-    beta: float = 0.1  # 1/β is the margin the policy must reach
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._require_positive("beta")
-
-
-def hinge_loss(logps: PairLogps, hp: HingeHParams) -> LossOutput:
+def hinge_loss(logps: PairLogps, hp: BetaHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     losses = (1 - hp.beta * (rho_c - rho_r)).clamp(min=0)
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
 
 
-register_loss("hinge", hinge_loss, HingeHParams)
+register_loss("hinge", hinge_loss, BetaHParams)

@@ -14,16 +14,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from .base import LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss
-
-
-@dataclass(frozen=True)
-class BetaHParams(LossHParams):
-    beta: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._require_positive("beta")
+from .base import BetaHParams, LossOutput, PairLogps, dpo_rewards, register_loss
 
 
 def nca_pair_loss(logps: PairLogps, hp: BetaHParams) -> LossOutput:

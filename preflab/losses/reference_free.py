@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import NORMALIZE_CHOICES, LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss
+from .base import NORMALIZE_CHOICES, LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss, smoothed_logistic
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class SimPOHParams(LossHParams):
 def simpo_loss(logps: PairLogps, hp: SimPOHParams) -> LossOutput:
     l_c, l_r = logps.policy(hp.logp_normalize)
     z = hp.beta * (l_c - l_r) - hp.gamma
-    losses = -(1 - hp.label_smoothing) * F.logsigmoid(z) - hp.label_smoothing * F.logsigmoid(-z)
+    losses = smoothed_logistic(z, hp.label_smoothing)
     return LossOutput(losses, **dpo_rewards(l_c, l_r, hp.beta))
 
 
@@ -84,15 +84,14 @@ class CPOHParams(LossHParams):
         super().__post_init__()
         self._require_positive("beta")
         self._require_non_negative("alpha")
-        if self.nll_normalize not in NORMALIZE_CHOICES:
-            raise ValueError(f"nll_normalize: expected one of {NORMALIZE_CHOICES}, got {self.nll_normalize!r}")
+        self._require_choice("nll_normalize", NORMALIZE_CHOICES)
         self._require_label_smoothing()
 
 
 def cpo_loss(logps: PairLogps, hp: CPOHParams) -> LossOutput:
     l_c, l_r = logps.policy(hp.logp_normalize)
     z = hp.beta * (l_c - l_r)
-    prefer = -(1 - hp.label_smoothing) * F.logsigmoid(z) - hp.label_smoothing * F.logsigmoid(-z)
+    prefer = smoothed_logistic(z, hp.label_smoothing)
     nll = -logps.policy(hp.nll_normalize)[0]
     return LossOutput(prefer + hp.alpha * nll, **dpo_rewards(l_c, l_r, hp.beta))
 

@@ -13,25 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss
+from .base import BetaHParams, LossHParams, LossOutput, PairLogps, dpo_rewards, register_loss
 
 
-@dataclass(frozen=True)
-class IPOHParams(LossHParams):
-    beta: float = 0.1  # target margin is 1/(2β)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._require_positive("beta")
-
-
-def ipo_loss(logps: PairLogps, hp: IPOHParams) -> LossOutput:
+def ipo_loss(logps: PairLogps, hp: BetaHParams) -> LossOutput:
     rho_c, rho_r = logps.logratios(hp.logp_normalize)
     losses = (rho_c - rho_r - 1 / (2 * hp.beta)) ** 2
     return LossOutput(losses, **dpo_rewards(rho_c, rho_r, hp.beta))
 
 
-register_loss("ipo", ipo_loss, IPOHParams)
+register_loss("ipo", ipo_loss, BetaHParams)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ class SFTHParams(LossHParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.normalize not in NORMALIZE_CHOICES:
-            raise ValueError(f"normalize: expected one of {NORMALIZE_CHOICES}, got {self.normalize!r}")
+        self._require_choice("normalize", NORMALIZE_CHOICES)
         if self.logp_normalize != "sum":  # (the other objectives' key: the SFT term has its own, with its own default)
             raise ValueError(f"logp_normalize: the sft term is normalized by its key normalize (now "
                              f"{self.normalize!r}); set normalize: {self.logp_normalize} instead")
