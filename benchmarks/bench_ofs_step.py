@@ -81,7 +81,7 @@ def main() -> None:
 
     def dpo_peft():
         ref = reference("peft")
-        logps, _ = SequenceScorer(peft.model)(**batch.scorer_inputs())
+        logps, _, _ = SequenceScorer(peft.model)(**batch.scorer_inputs())
         (-F.logsigmoid(_margins(logps, ref, b)).mean()).backward()
         opt_peft.step()
         opt_peft.zero_grad(set_to_none=True)
@@ -89,7 +89,7 @@ def main() -> None:
     def dpo_pair():
         ref = reference("pair")
         with pair.routed("fast") as model:
-            logps, _ = SequenceScorer(model)(**batch.scorer_inputs())
+            logps, _, _ = SequenceScorer(model)(**batch.scorer_inputs())
             (-F.logsigmoid(_margins(logps, ref, b)).mean()).backward()
         opts["fast"].step()
         opts["fast"].zero_grad(set_to_none=True)
@@ -101,7 +101,7 @@ def main() -> None:
     def ofs_fused():
         ref = reference("pair")
         with pair.routed("split", batch.input_ids.shape[0]) as model:
-            logps, _ = SequenceScorer(model)(**duplicate_rows(batch).scorer_inputs())
+            logps, _, _ = SequenceScorer(model)(**duplicate_rows(batch).scorer_inputs())
             s = batch.num_sequences
             ofs_loss(logps[:s], logps[s:], ref).backward()
         for opt in opts.values():
@@ -113,7 +113,7 @@ def main() -> None:
         out = {}
         for m in ("fast", "slow"):
             with pair.routed(m) as model:
-                out[m], _ = SequenceScorer(model)(**batch.scorer_inputs())
+                out[m], _, _ = SequenceScorer(model)(**batch.scorer_inputs())
         ofs_loss(out["fast"], out["slow"], ref).backward()  # both graphs exist; no recomputation needs a route
         for opt in opts.values():
             opt.step()

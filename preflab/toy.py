@@ -117,15 +117,20 @@ class ToyCurves:
     loss: list = field(default_factory=list)
 
 
+def _pair(chosen: torch.Tensor, rejected: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor) -> PairLogps:
+    """The 4 pairs' log-probs; every response is one token, so a pair's shared length is the whole of both."""
+    ones = torch.ones(len(chosen), dtype=chosen.dtype)
+    return PairLogps(chosen, rejected, ref_c, ref_r, ones, ones, chosen, rejected, ref_c, ref_r)
+
+
 def _record(curves: ToyCurves, logp: torch.Tensor, objective, ref: torch.Tensor) -> torch.Tensor:
     """Append this epoch's statistics; returns the mean loss (with grad) over the 4 pairs."""
     idx = torch.arange(4)
     chosen_idx, rejected_idx = torch.tensor([c for c, _ in PAIRS]), torch.tensor([r for _, r in PAIRS])
     lc, lr = logp[idx, chosen_idx], logp[idx, rejected_idx]
-    ones = torch.ones(4, dtype=logp.dtype)
     # gradients with respect to the log-probabilities, per pair, on detached leaves
     leaf_c, leaf_r = lc.detach().clone().requires_grad_(True), lr.detach().clone().requires_grad_(True)
-    per_pair = objective(PairLogps(leaf_c, leaf_r, ref[idx, chosen_idx], ref[idx, rejected_idx], ones, ones)).losses
+    per_pair = objective(_pair(leaf_c, leaf_r, ref[idx, chosen_idx], ref[idx, rejected_idx])).losses
     g_c, g_r = torch.autograd.grad(per_pair.sum(), (leaf_c, leaf_r))
     ln10 = math.log(10.0)
     with torch.no_grad():
@@ -140,7 +145,7 @@ def _record(curves: ToyCurves, logp: torch.Tensor, objective, ref: torch.Tensor)
                             ("unseen_avg", unseen.mean() / 8), ("mass_8_9", p[:, 8:].sum(-1).mean()),
                             ("loss", per_pair.mean())):
             getattr(curves, name).append(value.item())
-    return objective(PairLogps(lc, lr, ref[idx, chosen_idx], ref[idx, rejected_idx], ones, ones)).losses.mean()
+    return objective(_pair(lc, lr, ref[idx, chosen_idx], ref[idx, rejected_idx])).losses.mean()
 
 
 @functools.lru_cache(maxsize=64)

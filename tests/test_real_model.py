@@ -23,8 +23,8 @@ def test_chunked_scorer_equals_full_logits_on_the_real_model(tokenizer):
     pairs, _ = load_pairs("builtin:sentiment", "eval", PairTokenizer(tokenizer), limit=3)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
-        full, _ = SequenceScorer(model, chunk_size=0)(**batch.scorer_inputs())
-        chunked, _ = SequenceScorer(model, chunk_size=64)(**batch.scorer_inputs())
+        full, _, _ = SequenceScorer(model, chunk_size=0)(**batch.scorer_inputs())
+        chunked, _, _ = SequenceScorer(model, chunk_size=64)(**batch.scorer_inputs())
         shared = [SequenceScorer(model, chunk_size=64)(**collate_pairs(pairs, tokenizer.pad_token_id, layout)
                                                         .scorer_inputs())[0] for layout in ("shared", "packed")]
     assert_close(chunked, full, atol=1e-5, rtol=0)

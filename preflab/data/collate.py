@@ -16,6 +16,10 @@ rejected, whatever the layout:
 
 Attention inside a row under the 4D mask equals attention of the separate sequences (the masked keys get
 probability zero), so the three layouts give the same log-probs up to float rounding.
+
+A pair batch also marks, in every layout, the scored positions of each response's first ``min(|y⁺|, |y⁻|)`` tokens
+(``target_shared``): the part of the response as long as the pair's shorter one, which LD-DPO weights apart from the
+excess (:meth:`preflab.losses.PairLogps.length_desensitized`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class SequenceBatch:
     num_tokens: int  # prompt + response tokens, the prompt counted once per response (TRL's count for pairs)
     position_ids: Tensor | None = None  # (R, T); None: 0, 1, 2... along each row
     num_seqs: int = -1  # output sequences; -1: one per row
+    target_shared: Tensor | None = None  # (R, T) bool: within the pair's shared length (pair batches only)
 
     @property
     def num_sequences(self) -> int:
@@ -47,7 +52,7 @@ class SequenceBatch:
     def scorer_inputs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "target_ids": self.target_ids,
                 "target_seq": self.target_seq, "num_sequences": self.num_sequences,
-                "position_ids": self.position_ids}
+                "position_ids": self.position_ids, "target_shared": self.target_shared}
 
     def to(self, device):
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -146,15 +151,35 @@ def _collate_shared(pairs: list[TokenizedPair], pad_id: int, pack_tokens: int | 
                            sum(p.num_tokens for p in pairs), position_ids=cols["pos"], num_seqs=2 * b, num_pairs=b)
 
 
+def shared_targets(target_seq: Tensor, num_pairs: int) -> Tensor:
+    """(R, T) bool: the scored positions among the first ``min(n⁺, n⁻)`` scored positions of their sequence, where
+    sequence ``i < num_pairs`` (chosen) and ``num_pairs + i`` (rejected) have ``n⁺`` and ``n⁻``; positions are
+    counted in row-major order, whatever the layout."""
+    flat = target_seq.flatten()
+    where = (flat >= 0).nonzero().squeeze(1)
+    seq = flat[where]
+    counts = torch.bincount(seq, minlength=2 * num_pairs)
+    shared = torch.minimum(counts[:num_pairs], counts[num_pairs:]).repeat(2)
+    order = torch.argsort(seq, stable=True)  # each sequence's positions together, in row-major order
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(seq)
+    rank[order] = torch.arange(len(seq)) - starts[seq[order]]
+    out = torch.zeros(flat.shape, dtype=torch.bool)
+    out[where] = rank < shared[seq]
+    return out.view_as(target_seq)
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int, layout: str = "padded",
                   pack_tokens: int = 4096) -> PreferenceBatch:
     """A batch of ``pairs`` in ``layout`` (see the module docstring); ``pack_tokens`` bounds a packed row."""
     if layout == "padded":
         rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-        batch = collate_sequences(rows, pad_id)
-        return PreferenceBatch(**{f.name: getattr(batch, f.name) for f in fields(batch)}, num_pairs=len(pairs))
-    if layout == "shared":
-        return _collate_shared(pairs, pad_id, None)
-    if layout == "packed":
-        return _collate_shared(pairs, pad_id, pack_tokens)
-    raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+        sequences = collate_sequences(rows, pad_id)
+        batch = PreferenceBatch(**{f.name: getattr(sequences, f.name) for f in fields(sequences)},
+                                num_pairs=len(pairs))
+    elif layout in ("shared", "packed"):
+        batch = _collate_shared(pairs, pad_id, pack_tokens if layout == "packed" else None)
+    else:
+        raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    batch.target_shared = shared_targets(batch.target_seq, len(pairs))
+    return batch

@@ -21,12 +21,15 @@ from ..train.metrics import MetricAccumulator, pair_metrics
 
 @dataclass(frozen=True)
 class SequenceLogps:
-    """Summed response log-probs and token counts of chosen and rejected, each ``(N,)``."""
+    """Summed response log-probs and token counts of chosen and rejected, and the log-probs of their pair's shared
+    length (LD-DPO's input), each ``(N,)``."""
 
     chosen: Tensor
     rejected: Tensor
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    chosen_shared: Tensor
+    rejected_shared: Tensor
 
 
 @torch.no_grad()
@@ -35,21 +38,21 @@ def score_pairs(scorer: SequenceScorer, pairs: list[TokenizedPair], batch_size: 
     """Scores chosen and rejected of every pair, ``batch_size`` pairs at a time (batched by length) in ``layout``
     (see :mod:`preflab.data.collate`); results in the input order."""
     n = len(pairs)
-    chosen, rejected = torch.zeros(n), torch.zeros(n)
-    chosen_n, rejected_n = torch.zeros(n), torch.zeros(n)
+    columns = torch.zeros(6, n)  # the fields of SequenceLogps
     order = sorted(range(n), key=lambda i: pairs[i].num_tokens)
     for start in range(0, n, batch_size):
         idx = torch.tensor(order[start:start + batch_size])
         batch = collate_pairs([pairs[i] for i in idx.tolist()], pad_id, layout, pack_tokens).to(device)
-        logps, counts = scorer(**batch.scorer_inputs())
-        logps, counts, b = logps.float().cpu(), counts.float().cpu(), len(idx)
-        chosen[idx], rejected[idx], chosen_n[idx], rejected_n[idx] = logps[:b], logps[b:], counts[:b], counts[b:]
-    return SequenceLogps(chosen, rejected, chosen_n, rejected_n)
+        logps, counts, shared = (t.float().cpu() for t in scorer(**batch.scorer_inputs()))
+        b = len(idx)
+        columns[:, idx] = torch.stack([logps[:b], logps[b:], counts[:b], counts[b:], shared[:b], shared[b:]])
+    return SequenceLogps(*columns)
 
 
 def preference_metrics(objective: Objective, policy: SequenceLogps, reference: SequenceLogps) -> dict[str, float]:
     logps = PairLogps(policy.chosen, policy.rejected, reference.chosen, reference.rejected,
-                      policy.chosen_tokens, policy.rejected_tokens)
+                      policy.chosen_tokens, policy.rejected_tokens, policy.chosen_shared, policy.rejected_shared,
+                      reference.chosen_shared, reference.rejected_shared)
     acc = MetricAccumulator()
     acc.add(pair_metrics(logps, objective(logps)))
     out = acc.mean()

@@ -24,7 +24,7 @@ def score_sequences(scorer: nn.Module, rows: Rows, pad_id: int, batch_size: int,
     logps, counts = [], []
     for start in range(0, len(rows), batch_size):
         batch = collate_sequences([rows[i] for i in order[start:start + batch_size]], pad_id).to(device)
-        lp, n = scorer(**batch.scorer_inputs())
+        lp, n, _ = scorer(**batch.scorer_inputs())
         logps.append(lp.double().cpu())
         counts.append(n.double().cpu())
     inverse = torch.empty(len(rows), dtype=torch.long)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from ..data.tokenize import TokenizedPair
 from .loader import cache_root
 
-FORMAT = "1"  # bump when what a cached value means changes
+FORMAT = "2"  # bump when what a cached value means changes (2: the shared-length log-probs beside the totals)
+WIDTH = 4  # values per pair: chosen, rejected, chosen shared, rejected shared
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +60,8 @@ def model_fingerprint(model: nn.Module, precision: str, trainable: set[int] = fr
 
 
 class ReferenceCache:
-    """Reference log-probs of (chosen, rejected) by pair key, for one reference model.
+    """Reference log-probs of a pair by its key, for one reference model: chosen's and rejected's, and those of their
+    first ``min(|y⁺|, |y⁻|)`` tokens (the pair's shared length, LD-DPO's input).
 
     Args:
         directory: the cache root; this model's entries live in ``directory/<fingerprint>/``.
@@ -71,7 +73,7 @@ class ReferenceCache:
     def __init__(self, directory: Path, fingerprint: str, name: str):
         self.dir = Path(directory) / fingerprint
         self.path = self.dir / f"{name}.safetensors"
-        self.values: dict[bytes, tuple[float, float]] = {}
+        self.values: dict[bytes, tuple[float, ...]] = {}  # (chosen, rejected, chosen shared, rejected shared)
         self.own: set[bytes] = set()  # the entries this file holds: read from it or added here
         self.dirty = False
         self.read()
@@ -81,10 +83,12 @@ class ReferenceCache:
         for file in sorted(self.dir.glob("*.safetensors")) if self.dir.is_dir() else []:
             try:
                 data = load_file(file)
-                keys, logps = [bytes(k) for k in data["keys"].numpy()], data["logps"].tolist()
+                keys, logps = [bytes(k) for k in data["keys"].numpy()], data["logps"]
+                if logps.shape != (len(keys), WIDTH):
+                    continue
             except Exception:  # an unreadable file only costs a recomputation
                 continue
-            self.values.update((k, (c, r)) for k, (c, r) in zip(keys, logps))
+            self.values.update(zip(keys, map(tuple, logps.tolist())))
             if file == self.path:
                 self.own.update(keys)
 
@@ -92,20 +96,22 @@ class ReferenceCache:
         return len(self.values)
 
     def lookup(self, keys: list[bytes]) -> tuple[Tensor, list[int]]:
-        """(B, 2) float32 of the cached (chosen, rejected) log-probs (NaN where missing), and the missing indices."""
-        out = torch.full((len(keys), 2), float("nan"), dtype=torch.float32)
+        """(B, 4) float32 of the cached (chosen, rejected, chosen shared, rejected shared) log-probs (NaN where
+        missing), and the missing indices."""
+        out = torch.full((len(keys), WIDTH), float("nan"), dtype=torch.float32)
         missing = []
         for i, key in enumerate(keys):
             value = self.values.get(key)
             if value is None:
                 missing.append(i)
             else:
-                out[i, 0], out[i, 1] = value
+                out[i] = torch.tensor(value)
         return out, missing
 
-    def add(self, keys: list[bytes], chosen: Tensor, rejected: Tensor) -> None:
-        for key, c, r in zip(keys, chosen.tolist(), rejected.tolist()):
-            self.values[key] = (c, r)
+    def add(self, keys: list[bytes], values: Tensor) -> None:
+        """``values`` (B, 4) as :meth:`lookup` returns them."""
+        for key, value in zip(keys, values.tolist()):
+            self.values[key] = tuple(value)
             self.own.add(key)
         self.dirty = True
 
@@ -118,6 +124,6 @@ class ReferenceCache:
         keys = np.frombuffer(b"".join(own), dtype=np.uint8).reshape(-1, 16)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         save_file({"keys": torch.from_numpy(keys.copy()),
-                   "logps": torch.tensor([self.values[k] for k in own], dtype=torch.float32).reshape(-1, 2)}, tmp)
+                   "logps": torch.tensor([self.values[k] for k in own], dtype=torch.float32).reshape(-1, WIDTH)}, tmp)
         os.replace(tmp, self.path)
         self.dirty = False

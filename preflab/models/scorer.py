@@ -13,11 +13,15 @@ as it is, eager attention an additive one (built here), other attention kernels 
 The vocabulary projection runs only on response positions and chunk by chunk: a chunk's fp32 logits live
 only while its log-softmax is taken, and under autograd each chunk is recomputed in the backward pass
 (activation checkpointing), so the ``tokens × vocab`` fp32 logits never exist for the whole batch.
+
+A pair batch also marks the positions within each pair's shared length (``target_shared``); the scorer then returns,
+beside the totals, the log-prob of that part of each response (``Scores.shared``, LD-DPO's input).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +63,17 @@ def _model_mask(mask: Tensor, model: nn.Module) -> Tensor:
                      "model.attn_implementation=sdpa (or eager), or scorer.layout=padded")
 
 
+class Scores(NamedTuple):
+    """Per output sequence, each ``(S,)`` float32: the summed log-probs of its scored tokens, their count, and
+    (where the batch marks ``target_shared``) the summed log-probs of those within the pair's shared length."""
+
+    logps: Tensor
+    counts: Tensor
+    shared: Tensor | None = None
+
+
 class SequenceScorer(nn.Module):
-    """Wraps a causal LM (plain or PEFT); ``forward`` returns ``(logps, counts)``, each ``(S,)`` float32.
+    """Wraps a causal LM (plain or PEFT); ``forward`` returns :class:`Scores`.
 
     Args:
         model: a Hugging Face causal LM, possibly wrapped by PEFT.
@@ -87,7 +100,8 @@ class SequenceScorer(nn.Module):
         target_seq: Tensor,  # (R, T) output sequence index, -1 = not scored
         num_sequences: int,
         position_ids: Tensor | None = None,  # (R, T)
-    ) -> tuple[Tensor, Tensor]:
+        target_shared: Tensor | None = None,  # (R, T) bool: within the pair's shared length
+    ) -> Scores:
         attention_mask = _model_mask(attention_mask, self.model)
         scored = target_seq >= 0
         seq = target_seq[scored]  # (N,)
@@ -112,7 +126,11 @@ class SequenceScorer(nn.Module):
         logps = token_logps.new_zeros(num_sequences).index_add(0, seq, token_logps)
         counts = torch.zeros(num_sequences, dtype=torch.float32, device=seq.device).index_add(
             0, seq, torch.ones_like(seq, dtype=torch.float32))
-        return logps, counts
+        shared = None
+        if target_shared is not None:
+            within = target_shared[scored]
+            shared = token_logps.new_zeros(num_sequences).index_add(0, seq[within], token_logps[within])
+        return Scores(logps, counts, shared)
 
 
 @contextmanager

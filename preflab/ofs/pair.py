@@ -211,7 +211,8 @@ def duplicate_rows(batch: SequenceBatch) -> SequenceBatch:
     s = batch.num_sequences
     target_seq = torch.cat([batch.target_seq, torch.where(batch.target_seq >= 0, batch.target_seq + s, -1)])
     position_ids = None if batch.position_ids is None else torch.cat([batch.position_ids] * 2)
-    return replace(batch, input_ids=torch.cat([batch.input_ids] * 2),
+    target_shared = None if batch.target_shared is None else torch.cat([batch.target_shared] * 2)
+    return replace(batch, input_ids=torch.cat([batch.input_ids] * 2), target_shared=target_shared,
                    attention_mask=torch.cat([batch.attention_mask] * 2), target_ids=torch.cat([batch.target_ids] * 2),
                    target_seq=target_seq, position_ids=position_ids, num_tokens=2 * batch.num_tokens,
                    num_seqs=2 * s)

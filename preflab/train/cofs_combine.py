@@ -97,13 +97,15 @@ class Combination:
                 batch = collate_pairs([pairs[i] for i in idx], r.tokenizer.pad_token_id, sc.layout,
                                       sc.pack_tokens).to(r.device)
                 mixture.set(w @ basis)
-                logps, counts = scorer(**batch.scorer_inputs())
-                b = len(idx)
-                ref_c, ref_r = reference.chosen[idx].to(logps), reference.rejected[idx].to(logps)
-                out = r.objective(PairLogps(logps[:b], logps[b:], ref_c, ref_r, counts[:b], counts[b:]))
+                scores = scorer(**batch.scorer_inputs())
+                ref = [torch.cat([chosen[idx], rejected[idx]]).to(scores.logps) for chosen, rejected in
+                       ((reference.chosen, reference.rejected), (reference.chosen_shared, reference.rejected_shared))]
+                logps = PairLogps.of_batch(len(idx), scores, ref)
+                out = r.objective(logps)
                 (out.losses.sum() / n).backward()
                 loss_sum += out.losses.sum().item()
-                correct += ((logps[:b] - ref_c) > (logps[b:] - ref_r)).sum().item()
+                rho_c, rho_r = logps.logratios("sum")
+                correct += (rho_c > rho_r).sum().item()
         return correct / n if accuracy else loss_sum / n
 
     def combine(self, d: int, previous: list[dict]) -> tuple[torch.nn.Module, dict]:

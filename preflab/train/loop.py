@@ -109,7 +109,8 @@ class TrainingRun:
                                                           self.optimizer)
         self.param.place(self.engine.device)
         self.pad_id = self.tokenizer.pad_token_id
-        self.state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0}
+        # the objective's running means (BCO's δ) live in the checkpointed state
+        self.state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0, "objective": self.objective.state}
         self.eval_record: dict = {"before": None, "history": [], "after": None}
         self.evaluation = Evaluation(config, self.engine, self.objective, self.reference, self.train_pairs,
                                      self.eval_pairs, self.pad_id)
@@ -132,8 +133,9 @@ class TrainingRun:
         pairs = [self.train_pairs[i] for i in indices]
         return collate_pairs(pairs, self.pad_id, sc.layout, sc.pack_tokens).to(self.engine.device)
 
-    def reference_logps(self, indices: list[int], batch: PreferenceBatch) -> torch.Tensor | None:
-        """(2B,) reference log-probs of the batch's chosen then rejected (None for a reference-free objective)."""
+    def reference_logps(self, indices: list[int], batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference's ``(logps, shared)`` of the batch's chosen then rejected, each ``(2B,)`` (None for a
+        reference-free objective)."""
         return None if self.objective.reference_free else self.reference.logps(indices, batch)
 
     def _nonfinite(self, what: str, indices: list[int]) -> None:
@@ -274,6 +276,8 @@ class TrainingRun:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(self.engine.own_rng(ckpt["rng"]))
         self.state = ckpt["state"]
+        self.objective.load_state(self.state.get("objective", {}))  # (a checkpoint older than the running means)
+        self.state["objective"] = self.objective.state
         if self.engine.is_main:
             self.program.restore_files(self, path)
         self.engine.barrier()

@@ -38,6 +38,7 @@ def pair_metrics(logps: PairLogps, out: LossOutput) -> dict[str, Tensor]:
         m["3d/logratio_rejected"] = rho_r.detach()
         m["3d/logratio_chosen_per_token"] = (rho_c / logps.chosen_tokens).detach()
         m["3d/logratio_rejected_per_token"] = (rho_r / logps.rejected_tokens).detach()
+    m.update(out.metrics)  # the objective's own (BCO's running reward shift, "delta")
     return m
 
 

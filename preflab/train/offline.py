@@ -19,11 +19,9 @@ class OfflineSettings:
 
 
 class OfflineProgram(StepProgram):
-    def forward(self, run, batch, ref: Tensor | None) -> StepResult:
-        b = batch.num_pairs
-        logps, counts = run.scorer(**batch.scorer_inputs())
-        pair = PairLogps(logps[:b], logps[b:], None if ref is None else ref[:b], None if ref is None else ref[b:],
-                         counts[:b], counts[b:])
+    def forward(self, run, batch, ref: tuple[Tensor, Tensor] | None) -> StepResult:
+        pair = PairLogps.of_batch(batch.num_pairs, run.scorer(**batch.scorer_inputs()), ref)
+        run.objective.observe([pair], run.engine.reduce)
         out = run.objective(pair)
         return StepResult(out.losses.sum(), lambda: out.losses.mean().item(), pair_metrics(pair, out))
 

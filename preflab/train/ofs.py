@@ -97,22 +97,19 @@ class OfsProgram(StepProgram):
 
     # -- the step -------------------------------------------------------------------------------------------
 
-    def forward(self, run, batch, ref: Tensor | None) -> StepResult:
+    def forward(self, run, batch, ref: tuple[Tensor, Tensor] | None) -> StepResult:
         b, s, oc, pair = batch.num_pairs, batch.num_sequences, self.settings, run.param
-
-        def pair_logps(logps, counts):
-            return PairLogps(logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:])
-
         logps = {}
         if oc.fused_forward:
             with pair.routed("split", batch.input_ids.shape[0]):
-                both, counts = run.scorer(**duplicate_rows(batch).scorer_inputs())
-            logps = {"fast": pair_logps(both[:s], counts[:s]), "slow": pair_logps(both[s:], counts[s:])}
+                both = run.scorer(**duplicate_rows(batch).scorer_inputs())
+            for m, part in (("fast", slice(0, s)), ("slow", slice(s, 2 * s))):
+                logps[m] = PairLogps.of_batch(b, [None if t is None else t[part] for t in both], ref)
         else:
             for m in MODULES:
                 with pair.routed(m):
-                    lp, counts = run.scorer(**batch.scorer_inputs())
-                logps[m] = pair_logps(lp, counts)
+                    logps[m] = PairLogps.of_batch(b, run.scorer(**batch.scorer_inputs()), ref)
+        run.objective.observe([logps[m] for m in MODULES], run.engine.reduce)  # both modules' rewards, once a step
         outs = {m: run.objective(logps[m]) for m in MODULES}
         chase = outs if self.chase_objective is run.objective else \
             {m: self.chase_objective(logps[m]) for m in MODULES}

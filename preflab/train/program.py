@@ -52,7 +52,9 @@ class StepProgram:
     def prepare(self, run) -> None:
         """Called once the run holds its pieces (checks that need the built objective or parametrization)."""
 
-    def forward(self, run, batch, ref: Tensor | None) -> StepResult:
+    def forward(self, run, batch, ref: tuple[Tensor, Tensor] | None) -> StepResult:
+        """The step's loss: ``ref`` is the reference's ``(logps, shared)`` of the batch's sequences, each ``(2B,)``
+        (:meth:`ReferenceLogps.logps`), None for a reference-free objective."""
         raise NotImplementedError
 
     def recomputation(self, run, batch):

@@ -61,25 +61,30 @@ class ReferenceLogps:
             module = self.engine.reference_module(ref, self.param.model)
             yield module if module is not None else SequenceScorer(ref, self.chunk_size)
 
-    def forward(self, batch: PreferenceBatch) -> torch.Tensor:
+    def forward(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad(), self.scorer() as ref, eval_mode(ref), self.engine.autocast():
-            return ref(**batch.scorer_inputs())[0]
+            scores = ref(**batch.scorer_inputs())
+        return scores.logps, scores.shared
 
-    def logps(self, indices: list[int], batch: PreferenceBatch) -> torch.Tensor:
-        """(2B,) reference log-probs of the batch's chosen then rejected: from the cache, the missing ones computed
-        (and cached)."""
+    def logps(self, indices: list[int], batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's ``(logps, shared)`` of the batch's chosen then rejected, each ``(2B,)``: the sequences'
+        log-probs and those of their pair's shared length (LD-DPO's). From the cache, the missing ones computed (and
+        cached)."""
         if self.cache is None:
             return self.forward(batch)
         keys = [self.keys[i] for i in indices]
-        values, missing = self.cache.lookup(keys)
+        values, missing = self.cache.lookup(keys)  # (B, 4): chosen, rejected, chosen shared, rejected shared
         if self.engine.collective_need(bool(missing)):  # a collective forward: all processes or none
             missing = list(range(len(keys)))
         if missing:
             sub = batch if len(missing) == len(indices) else self.collate([indices[j] for j in missing])
-            logps, m = self.forward(sub).float().cpu(), len(missing)
-            self.cache.add([keys[j] for j in missing], logps[:m], logps[m:])
-            values[missing] = torch.stack([logps[:m], logps[m:]], dim=1)
-        return torch.cat([values[:, 0], values[:, 1]]).to(self.engine.device)
+            m = len(missing)
+            logps, shared = (t.float().cpu() for t in self.forward(sub))
+            computed = torch.stack([logps[:m], logps[m:], shared[:m], shared[m:]], dim=1)
+            self.cache.add([keys[j] for j in missing], computed)
+            values[missing] = computed
+        values = values.to(self.engine.device)
+        return torch.cat([values[:, 0], values[:, 1]]), torch.cat([values[:, 2], values[:, 3]])
 
     def precompute(self, batch_size: int, progress: bool) -> None:
         """Fills the cache with every training pair (each process a share), then reads back all processes' files."""

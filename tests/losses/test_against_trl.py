@@ -31,6 +31,10 @@ def _logps(n=16, seed=0, equal_lengths=False) -> PairLogps:
     return PairLogps(draw(c_n), draw(r_n), draw(c_n), draw(r_n), c_n, r_n)
 
 
+def _float32(logps: PairLogps) -> PairLogps:
+    return PairLogps(*(None if t is None else t.float() for t in vars(logps).values()))
+
+
 def _trl_dpo_losses(logps: PairLogps, loss_type: str, **settings) -> torch.Tensor:
     """TRL's per-sequence loss for ``loss_type``: its ``_compute_loss`` source from the f-divergence scores to the
     end of the loss branch, executed on these tensors."""
@@ -43,6 +47,8 @@ def _trl_dpo_losses(logps: PairLogps, loss_type: str, **settings) -> torch.Tenso
     n = len(logps.policy_chosen)
     lengths = torch.cat([logps.chosen_tokens, logps.rejected_tokens]).long()
     mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()  # (2B, L), chosen rows first
+    # per-token log-probs (for TRL's sft): each sequence's log-prob spread evenly over its tokens
+    per_token = torch.cat([logps.policy_chosen, logps.policy_rejected])[:, None] / lengths[:, None] * mask
     settings = {"beta": 0.1, "label_smoothing": 0.0, "f_divergence_type": "reverse_kl",
                 "f_alpha_divergence_coef": 0.5, **settings}
     trainer = SimpleNamespace(loss_types=[loss_type], loss_weights=[1.0], args=SimpleNamespace(discopop_tau=0.05),
@@ -51,7 +57,8 @@ def _trl_dpo_losses(logps: PairLogps, loss_type: str, **settings) -> torch.Tenso
                  "chosen_logps": logps.policy_chosen, "rejected_logps": logps.policy_rejected,
                  "ref_chosen_logps": logps.ref_chosen, "ref_rejected_logps": logps.ref_rejected,
                  "chosen_logratios": logps.policy_chosen - logps.ref_chosen,
-                 "rejected_logratios": logps.policy_rejected - logps.ref_rejected, "completion_mask": mask}
+                 "rejected_logratios": logps.policy_rejected - logps.ref_rejected, "completion_mask": mask,
+                 "shift_completion_mask": mask, "per_token_logps": per_token}
     exec(compile(block, "trl DPOTrainer._compute_loss", "exec"), namespace)
     assert namespace["out"][loss_type].shape == (n,)
     return namespace["out"][loss_type]
@@ -68,7 +75,7 @@ CASES = [
     ("nca_pair", {}, {"name": "nca_pair"}),
     ("robust", {}, {"name": "robust"}),
     ("robust", {"label_smoothing": 0.1}, {"name": "robust", "label_smoothing": 0.1}),
-    ("bco_pair", {}, {"name": "bco_pair"}),
+    ("bco_pair", {}, {"name": "bco_pair", "reward_shift": 0.0}),  # TRL 1.16 keeps no running mean
     ("sppo_hard", {}, {"name": "sppo_hard"}),
     ("aot", {}, {"name": "aot"}),
     ("aot", {"label_smoothing": 0.1}, {"name": "aot", "label_smoothing": 0.1}),
@@ -103,7 +110,7 @@ def test_each_dpo_loss_type_matches_trl(case):
     logps = _logps()
     tol = 1e-12
     if settings.get("f_divergence_type") in FLOAT32:
-        logps, tol = PairLogps(*(t.float() for t in vars(logps).values())), 1e-6
+        logps, tol = _float32(logps), 1e-6
     ours = build_objective([term])(logps)
     theirs = _trl_dpo_losses(logps, loss_type, **settings)
     assert_close(ours.losses, theirs, rtol=tol, atol=tol)
@@ -118,6 +125,18 @@ def test_each_dpo_loss_type_matches_trl(case):
     assert_close(ours.rejected_rewards, trl_rejected / scale_r, rtol=tol, atol=tol)
     if not per_token:
         assert torch.equal(ours.margin > 0, trl_chosen > trl_rejected)
+
+
+def test_sft_matches_trl_token_mean_with_equal_lengths():
+    """TRL's ``sft`` is the mean NLL over every chosen token of the batch, preflab's (``normalize: mean``) the mean
+    over pairs of each chosen response's per-token NLL: equal where lengths are equal, as here."""
+    logps = _logps(equal_lengths=True)
+    theirs = _trl_dpo_losses(logps, "sft")
+    ours = build_objective([{"name": "sft"}])(logps)
+    assert_close(ours.losses.mean(), theirs.mean(), rtol=1e-12, atol=1e-12)
+    uneven = _logps()
+    assert not torch.allclose(build_objective([{"name": "sft"}])(uneven).losses.mean(),
+                              _trl_dpo_losses(uneven, "sft").mean())
 
 
 def _cpo_trainer(loss_type: str, beta: float, gamma: float = 0.5, label_smoothing: float = 0.0):
@@ -158,7 +177,7 @@ def test_orpo_matches_trl_orpo_trainer():
     mean of preflab's per-pair NLLs. TRL computes it in float32 (``.float()``): so do both here."""
     from trl.experimental.orpo import ORPOTrainer
 
-    logps = PairLogps(*(t.float() for t in vars(_logps(equal_lengths=True)).values()))
+    logps = _float32(_logps(equal_lengths=True))
     mean_c, mean_r = logps.policy_chosen / logps.chosen_tokens, logps.policy_rejected / logps.rejected_tokens
     trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
     losses, chosen, rejected, _, _ = ORPOTrainer.odds_ratio_loss(trainer, mean_c, mean_r)

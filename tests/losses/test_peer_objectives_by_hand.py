@@ -129,3 +129,36 @@ def test_orpo_log_odds_are_exact_near_a_certain_response():
 def test_bad_hyperparameters_name_the_field(name, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         build_objective([{"name": name, **bad}])
+
+
+def test_kto_pair_reference_points_are_batch_means_of_the_log_ratios():
+    """A and B in one batch: z⁺ = max(0, mean(1, −0.5)) = 0.25, z⁻ = max(0, mean(−1, −2)) = 0.
+    A: ½·[(1 − σ(0.1·(1 − 0))) + (1 − σ(0.1·(0.25 + 1)))] = ½·(0.475021 + 0.468791) = 0.471906.
+    B: ½·[(1 − σ(−0.05)) + (1 − σ(0.1·(0.25 + 2)))] = ½·(0.512497 + 0.443986) = 0.478242.
+    The paper's z carries no gradient; with ``detach_kl: false`` (TRL ≤ 0.9) z⁺ passes one: ∂z⁺/∂logp_θ(y⁺_A) = ½."""
+    batch = PairLogps(*(None if a is None else torch.cat([a, b])
+                        for a, b in zip(vars(logps("A")).values(), vars(logps("B")).values())))
+    out = build_objective([{"name": "kto_pair"}])(batch)
+    assert_close(out.losses, torch.tensor([0.471906, 0.478242], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert_close(out.chosen_rewards, torch.tensor([0.1, -0.05], dtype=torch.float64))
+    grads = {}
+    for detach in (True, False):
+        leaf = batch.policy_chosen.clone().requires_grad_(True)
+        pair = PairLogps(leaf, *list(vars(batch).values())[1:])
+        build_objective([{"name": "kto_pair", "detach_kl": detach}])(pair).losses.sum().backward()
+        grads[detach] = leaf.grad
+    # detached: ∂ℓ_A/∂logp⁺_A = −½·β·σ'(0.1) = −0.05·0.249376 = −0.012469
+    assert grads[True][0].item() == pytest.approx(-0.05 * 0.249376, abs=1e-6)
+    # and through z⁺, in the rejected halves of both pairs: ½ · (−½·β·σ'(β·(z⁺ − ρ⁻_i))) each
+    through = -0.5 * 0.05 * (0.249026 + 0.246862)
+    assert grads[False][0].item() == pytest.approx(-0.05 * 0.249376 + through, abs=1e-6)
+
+
+def test_kto_pair_with_both_reference_points_above_zero():
+    """ρ⁺ = 2, 1 and ρ⁻ = 0.5, 1.5 (reference −10 throughout): z⁺ = 1.5, z⁻ = 1.
+    Pair 1: ½·[(1 − σ(0.1·(2 − 1))) + (1 − σ(0.1·(1.5 − 0.5)))] = 1 − σ(0.1) = 0.475021.
+    Pair 2: ½·[(1 − σ(0.1·(1 − 1))) + (1 − σ(0.1·(1.5 − 1.5)))] = 0.5."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    batch = PairLogps(t(-8.0, -9.0), t(-9.5, -8.5), t(-10.0, -10.0), t(-10.0, -10.0), t(5.0, 5.0), t(5.0, 5.0))
+    out = build_objective([{"name": "kto_pair"}])(batch)
+    assert_close(out.losses, torch.tensor([0.475021, 0.5], dtype=torch.float64), atol=1e-6, rtol=0)

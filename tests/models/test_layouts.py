@@ -36,26 +36,27 @@ def test_logps_equal_padded(tokenizer, attn, layout, budget):
     padded = collate_pairs(pairs, tokenizer.pad_token_id)
     other = collate_pairs(pairs, tokenizer.pad_token_id, layout, budget)
     with torch.no_grad():
-        want, want_n = SequenceScorer(model, chunk_size=5)(**padded.scorer_inputs())
-        got, got_n = SequenceScorer(model, chunk_size=5)(**other.scorer_inputs())
+        want, want_n, _ = SequenceScorer(model, chunk_size=5)(**padded.scorer_inputs())
+        got, got_n, _ = SequenceScorer(model, chunk_size=5)(**other.scorer_inputs())
     assert_close(got, want, atol=1e-5, rtol=0)
     assert torch.equal(got_n, want_n)
     assert other.num_tokens == padded.num_tokens  # tokens are counted as the peer counts them, whatever the layout
     assert other.input_ids.numel() < padded.input_ids.numel()
 
 
+@pytest.mark.parametrize("ld_alpha", [None, 0.5])  # LD-DPO: the shared-length log-probs carry gradients too
 @pytest.mark.parametrize("layout,budget", LAYOUTS)
-def test_loss_and_gradients_equal_padded(tokenizer, layout, budget):
-    objective = build_objective([{"name": "sigmoid", "beta": 0.1}])
+def test_loss_and_gradients_equal_padded(tokenizer, layout, budget, ld_alpha):
+    objective = build_objective([{"name": "sigmoid", "beta": 0.1, "ld_alpha": ld_alpha}])
     pairs = _pairs(tokenizer)
     b = len(pairs)
-    ref = torch.linspace(-60, -20, 2 * b)
+    ref = torch.linspace(-60, -20, 2 * b), torch.linspace(-40, -10, 2 * b)
 
     def loss_and_grads(layout, budget=4096):
         model = make_tiny_model(tokenizer, seed=4).train()  # dropout is 0 in the tiny config
         batch = collate_pairs(pairs, tokenizer.pad_token_id, layout, budget)
-        logps, counts = SequenceScorer(model, chunk_size=16)(**batch.scorer_inputs())
-        loss = objective(PairLogps(logps[:b], logps[b:], ref[:b], ref[b:], counts[:b], counts[b:])).losses.mean()
+        scores = SequenceScorer(model, chunk_size=16)(**batch.scorer_inputs())
+        loss = objective(PairLogps.of_batch(b, scores, ref)).losses.mean()
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model, sentiment_rows, write_jsonl
+from safetensors.torch import save_file
 
 from preflab.adapters import build_parametrization
 from preflab.adapters.lora import LoraParams
@@ -44,15 +45,19 @@ def test_fingerprint_follows_frozen_weights_not_the_adapter(tokenizer):
 def test_cache_round_trip_and_unreadable_files(tmp_path):
     keys = [bytes([i]) * 16 for i in range(3)]
     cache = ReferenceCache(tmp_path, "model", "data-rank0")
-    cache.add(keys[:2], torch.tensor([-1.5, -2.5]), torch.tensor([-3.5, -4.25]))
+    # per pair: chosen, rejected, and the log-probs of their shared length (LD-DPO's)
+    cache.add(keys[:2], torch.tensor([[-1.5, -3.5, -1.0, -2.0], [-2.5, -4.25, -2.5, -4.0]]))
     cache.save()
     (tmp_path / "model" / "broken.safetensors").write_bytes(b"not a safetensors file")
+    # a file of an older format (chosen, rejected only) is skipped, not misread
+    save_file({"keys": torch.full((1, 16), 2, dtype=torch.uint8), "logps": torch.tensor([[-7.0, -8.0]])},
+              tmp_path / "model" / "old.safetensors")
     again = ReferenceCache(tmp_path, "model", "other-rank0")
     values, missing = again.lookup(keys)
     assert missing == [2]
-    assert values[:2].tolist() == [[-1.5, -3.5], [-2.5, -4.25]] and values[2].isnan().all()
+    assert values[:2].tolist() == [[-1.5, -3.5, -1.0, -2.0], [-2.5, -4.25, -2.5, -4.0]] and values[2].isnan().all()
     assert ReferenceCache(tmp_path, "another-model", "x").lookup(keys)[1] == [0, 1, 2]
-    again.add(keys[2:], torch.tensor([-5.0]), torch.tensor([-6.0]))
+    again.add(keys[2:], torch.tensor([[-5.0, -6.0, -5.0, -5.5]]))
     again.save()  # a file holds its own entries only; every file is read
     assert len(ReferenceCache(tmp_path, "model", "other-rank0").own) == 1
     assert ReferenceCache(tmp_path, "model", "third").lookup(keys)[1] == []

@@ -34,8 +34,8 @@ def _hand_gathered(model, pair_prompt, response):
 def test_chunked_equals_full_logits_and_hand_sum(tokenizer, model):
     batch = collate_pairs(_pairs(tokenizer), tokenizer.pad_token_id)
     with torch.no_grad():
-        full, n_full = SequenceScorer(model, chunk_size=0)(**batch.scorer_inputs())
-        chunked, n_chunked = SequenceScorer(model, chunk_size=7)(**batch.scorer_inputs())
+        full, n_full, _ = SequenceScorer(model, chunk_size=0)(**batch.scorer_inputs())
+        chunked, n_chunked, _ = SequenceScorer(model, chunk_size=7)(**batch.scorer_inputs())
     assert_close(chunked, full, atol=1e-5, rtol=0)
     assert torch.equal(n_full, n_chunked)
     pairs = _pairs(tokenizer)
@@ -50,7 +50,7 @@ def test_chunked_gradients_equal_full_logits_gradients(tokenizer):
     grads = []
     for chunk in (0, 5):
         model = make_tiny_model(tokenizer, seed=1).train()
-        logps, _ = SequenceScorer(model, chunk_size=chunk)(**batch.scorer_inputs())
+        logps, _, _ = SequenceScorer(model, chunk_size=chunk)(**batch.scorer_inputs())
         (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
@@ -61,19 +61,19 @@ def test_prompt_and_padding_positions_do_not_count(tokenizer, model):
     pairs = _pairs(tokenizer, 2)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
-        base, _ = SequenceScorer(model)(**batch.scorer_inputs())
+        base, _, _ = SequenceScorer(model)(**batch.scorer_inputs())
     changed = batch.scorer_inputs()
     ids = changed["input_ids"].clone()
     mask = changed["attention_mask"]
     ids[mask == 0] = 17  # other padding tokens: masked out, so nothing may change
     changed["input_ids"] = ids
     with torch.no_grad():
-        after, _ = SequenceScorer(model)(**changed)
+        after, _, _ = SequenceScorer(model)(**changed)
     assert_close(after, base, atol=1e-5, rtol=0)
     # a different prompt changes the response log-probs (it is context) but not which tokens are scored
     other = [TokenizedPair(p.prompt_ids[:-3] + (42, 43, 44), p.chosen_ids, p.rejected_ids) for p in pairs]
     with torch.no_grad():
-        ctx, counts = SequenceScorer(model)(**collate_pairs(other, tokenizer.pad_token_id).scorer_inputs())
+        ctx, counts, _ = SequenceScorer(model)(**collate_pairs(other, tokenizer.pad_token_id).scorer_inputs())
     assert not torch.allclose(ctx, base)
     assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
 
@@ -92,6 +92,6 @@ def test_left_padding_with_position_ids_equals_right_padding(tokenizer, model):
             left[k][r, width - n:] = inputs[k][r, :n]
     position_ids = (left["attention_mask"].cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        a, _ = SequenceScorer(model)(**inputs)
-        b, _ = SequenceScorer(model)(**left, num_sequences=inputs["num_sequences"], position_ids=position_ids)
+        a, _, _ = SequenceScorer(model)(**inputs)
+        b, _, _ = SequenceScorer(model)(**left, num_sequences=inputs["num_sequences"], position_ids=position_ids)
     assert_close(b, a, atol=1e-5, rtol=0)

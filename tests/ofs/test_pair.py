@@ -36,11 +36,11 @@ def _randomize(pair, seed):
 def test_reference_is_the_base_and_both_modules_start_there(tokenizer, batch):
     base = make_tiny_model(tokenizer, seed=2)
     with torch.no_grad():
-        want, _ = SequenceScorer(base)(**batch.scorer_inputs())
+        want, _, _ = SequenceScorer(base)(**batch.scorer_inputs())
     pair = FastSlowLora(copy.deepcopy(base), r=4, alpha=8)
     for mode in ("off", "fast", "slow"):
         with torch.no_grad(), pair.routed(mode) as model:
-            got, _ = SequenceScorer(model)(**batch.scorer_inputs())
+            got, _, _ = SequenceScorer(model)(**batch.scorer_inputs())
         assert torch.equal(got, want), mode
     assert all(torch.equal(layer.lora_A["fast"], layer.lora_A["slow"]) for layer in pair.layers.values())
     trainable = [p for p in pair.model.parameters() if p.requires_grad]
@@ -64,18 +64,21 @@ def test_one_routed_forward_equals_two_separate_ones(tokenizer, batch, checkpoin
         pair.model.zero_grad(set_to_none=True)
         return out
 
-    separate = []
+    separate, separate_shared = [], []
     for mode, w in (("fast", weights[:batch.num_sequences]), ("slow", weights[batch.num_sequences:])):
         with pair.routed(mode) as model:
-            logps, _ = SequenceScorer(model, chunk_size=16)(**batch.scorer_inputs())
+            logps, _, shared = SequenceScorer(model, chunk_size=16)(**batch.scorer_inputs())
             (logps * w).sum().backward()
         separate.append(logps.detach())
+        separate_shared.append(shared.detach())
     want = grads()
     with pair.routed("split", batch.input_ids.shape[0]) as model:
-        fused, _ = SequenceScorer(model, chunk_size=16)(**duplicate_rows(batch).scorer_inputs())
+        fused, _, fused_shared = SequenceScorer(model, chunk_size=16)(**duplicate_rows(batch).scorer_inputs())
         (fused * weights).sum().backward()
     got = grads()
     assert_close(fused.detach(), torch.cat(separate), atol=1e-5, rtol=0)
+    # each copy's shared-length log-probs (LD-DPO's) are its module's
+    assert_close(fused_shared.detach(), torch.cat(separate_shared), atol=1e-5, rtol=0)
     assert not torch.allclose(separate[0], separate[1])  # the two modules differ: the routing matters
     for name in want:
         assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
@@ -90,8 +93,8 @@ def test_a_module_exports_as_a_plain_peft_adapter(tokenizer, batch, tmp_path):
     pair.save_adapter("slow", tmp_path / "slow")
     loaded = PeftModel.from_pretrained(base, tmp_path / "slow").eval()
     with torch.no_grad(), pair.routed("slow") as model:
-        want, _ = SequenceScorer(model)(**batch.scorer_inputs())
-        got, _ = SequenceScorer(loaded)(**batch.scorer_inputs())
+        want, _, _ = SequenceScorer(model)(**batch.scorer_inputs())
+        got, _, _ = SequenceScorer(loaded)(**batch.scorer_inputs())
     assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -100,12 +103,12 @@ def test_the_merged_model_is_the_resting_module_folded_in(tokenizer, batch):
     _randomize(param.pair, 2)
     param.rest_on("slow")
     with torch.no_grad():
-        want, _ = SequenceScorer(param.model)(**batch.scorer_inputs())  # outside a route: the resting module
+        want, _, _ = SequenceScorer(param.model)(**batch.scorer_inputs())  # outside a route: the resting module
     merged = param.merged_model()
     assert not any(type(m).__name__ == "TwoLoraLinear" for m in merged.modules())
     with torch.no_grad():
-        got, _ = SequenceScorer(merged)(**batch.scorer_inputs())
-        again, _ = SequenceScorer(param.model)(**batch.scorer_inputs())
+        got, _, _ = SequenceScorer(merged)(**batch.scorer_inputs())
+        again, _, _ = SequenceScorer(param.model)(**batch.scorer_inputs())
     assert_close(got, want, atol=1e-4, rtol=0)
     assert torch.equal(again, want)  # the pair itself is left as it was (a copy was merged)
     assert sum(type(m).__name__ == "TwoLoraLinear" for m in param.model.modules()) == len(param.pair.layers)

@@ -62,6 +62,19 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+def test_bco_running_shift_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
+    """δ is the mean over every process's rewards, weighted by their counts: the epoch's uneven last batch (3 pairs:
+    2 on one process, 1 on the other) included."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(11))
+    extra = ["loss.name=bco_pair"]
+    _torchrun([*_args(tiny_model_dir, data, tmp_path / "ddp", 2, "lora"), *extra], tmp_path)
+    train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "single", 4, "lora"), *extra]))
+    ddp, single = _records(tmp_path / "ddp"), _records(tmp_path / "single")
+    assert [r["delta"] for r in ddp] == pytest.approx([r["delta"] for r in single], abs=1e-6)
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], abs=1e-5)
+    assert len({r["delta"] for r in single}) == 4
+
+
 @pytest.mark.parametrize("name", ["ondare_adamw", "onties_adamw"])
 def test_the_merging_optimizers_under_ddp_equal_one_process(tiny_model_dir, tokenizer, tmp_path, name):
     """Every process draws the same DARE masks (and elects the same TIES signs) as one process: the replicas stay

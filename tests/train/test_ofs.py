@@ -76,11 +76,11 @@ def test_roles_follow_the_window_losses_and_the_leader_is_exported(tiny_model_di
     pairs, _ = load_pairs(data, "train", PairTokenizer(tokenizer), limit=4)
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad(), run.param.pair.routed(exported) as model:
-        want, _ = SequenceScorer(model)(**batch.scorer_inputs())
+        want, _, _ = SequenceScorer(model)(**batch.scorer_inputs())
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                        tmp_path / "run" / "final").eval()
     with torch.no_grad():
-        got, _ = SequenceScorer(loaded)(**batch.scorer_inputs())
+        got, _, _ = SequenceScorer(loaded)(**batch.scorer_inputs())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -148,11 +148,12 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
         run.param.model.gradient_checkpointing_disable()
 
     batch = run.collate(indices)
-    ref = run.reference_logps(indices, batch)
+    ref_scores = run.reference_logps(indices, batch)
+    ref = ref_scores[0]  # the totals (the shared-length part is LD-DPO's)
     b, h, hc = batch.num_pairs, {}, {}
     for m in MODULES:
         with pair.routed(m):
-            logps, counts = run.scorer(**batch.scorer_inputs())
+            logps, counts, _ = run.scorer(**batch.scorer_inputs())
         rho = (logps - ref) / (counts if objective == "flex-mean" else 1)
         h[m] = beta_c * rho[:b] - beta_r * rho[b:]
         hc[m] = chase_beta[0] * rho[:b] - chase_beta[1] * rho[b:]
@@ -160,7 +161,7 @@ def test_the_training_step_gradient_is_the_spec_identity(tiny_model_dir, data, t
     push = torch.sigmoid(hc[chaser] - hc[leader]).detach()
     assert push.sub(0.5).abs().max() > 5e-3  # the modules differ: swapping the roles would change the push
     with torch.no_grad():
-        step = run.program.forward(run, batch, ref)
+        step = run.program.forward(run, batch, ref_scores)
     torch.testing.assert_close(step.metrics["ofs/push"], push, rtol=1e-4, atol=1e-6)  # σ(h_S − h_F), per pair
     assert step.shown() == pytest.approx(step.loss_sum.item())  # what a non-finite loss is reported as
     if objective == "sigmoid-gap-clamp":  # every |gap| is beyond the clamp: the chasing term's gradient is 0

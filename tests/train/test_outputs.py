@@ -58,8 +58,8 @@ def test_final_names_a_loadable_base_and_carries_a_filled_model_card(lora_run, t
     card = (lora_run / "final" / "README.md").read_text()
     assert card.startswith(f"---\nbase_model: {tiny_model_dir.resolve()}\nlibrary_name: peft\n")
     for line in ("- schedule: `offline`, 3 steps, batch 8 x 1 accumulation, lr 0.01, seed 0",
-                 "- objective: `sigmoid` (weight=1.0, logp_normalize=sum, beta=0.1, label_smoothing=0.0, "
-                 "f_divergence=reverse_kl, f_alpha=0.5)",
+                 "- objective: `sigmoid` (weight=1.0, logp_normalize=sum, ld_alpha=None, beta=0.1, "
+                 "label_smoothing=0.0, f_divergence=reverse_kl, f_alpha=0.5)",
                  "- parametrization: `lora` (r=4, alpha=32.0, dropout=0.0, target_modules=['all-linear'], "
                  "init_adapter=None)",
                  f'base = AutoModelForCausalLM.from_pretrained("{tiny_model_dir.resolve()}")'):
