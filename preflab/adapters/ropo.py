@@ -176,11 +176,6 @@ def _targets(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     return found
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 class Ropo(Parametrization):
     count_convention = "free parameters: b(b-1)/2 per b x b Cayley block (PEFT OFT's count; BOFT stores b^2)"
 
@@ -190,7 +185,7 @@ class Ropo(Parametrization):
         self.layers: dict[str, RopoLinear] = {}
         for name in _targets(model, params.target_modules):
             layer = RopoLinear(model.get_submodule(name), params)
-            _swap(model, name, layer)
+            model.set_submodule(name, layer, strict=True)
             self.layers[name] = layer
 
     @contextmanager
@@ -221,7 +216,7 @@ class Ropo(Parametrization):
                 plain.weight.copy_(layer.merged_weight().to(base.weight.dtype))
                 if base.bias is not None:
                     plain.bias.copy_(base.bias)
-            _swap(merged, name, plain.requires_grad_(False))
+            merged.set_submodule(name, plain.requires_grad_(False), strict=True)
         return merged
 
     def save_final(self, out_dir: Path) -> None:

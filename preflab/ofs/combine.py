@@ -130,10 +130,8 @@ class AtomMixture:
         self.ranks = torch.tensor(ranks)
         self.columns: Tensor | None = None
         for name in layers:
-            parent, _, child = name.rpartition(".")
-            base = model.get_submodule(name)
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    AtomLinear(base, [m[name] for m in modules], self))
+            model.set_submodule(name, AtomLinear(model.get_submodule(name), [m[name] for m in modules], self),
+                                strict=True)
 
     def set(self, coeffs: Tensor | None) -> None:
         """One coefficient per atom (a tensor that may require grad), or None for the base alone."""

@@ -107,8 +107,7 @@ class FastSlowLora:
         self.layers: dict[str, TwoLoraLinear] = {}
         for name in _targets(model, target_modules):
             layer = TwoLoraLinear(model.get_submodule(name), r, alpha, self.route, init_same, dropout)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            model.set_submodule(name, layer, strict=True)
             self.layers[name] = layer
 
     def parameters(self, module: str) -> list[nn.Parameter]:
@@ -197,8 +196,7 @@ class FastSlowPair(Parametrization):
             base = twin.base
             with torch.no_grad():
                 base.weight += layer.scale * twin.lora_B[self.resting] @ twin.lora_A[self.resting]
-            parent, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent) if parent else merged, child, base)
+            merged.set_submodule(name, base, strict=True)
         return merged
 
     def save_final(self, out_dir: Path) -> None:
