@@ -185,7 +185,7 @@ class Ropo(Parametrization):
         self.layers: dict[str, RopoLinear] = {}
         for name in _targets(model, params.target_modules):
             layer = RopoLinear(model.get_submodule(name), params)
-            model.set_submodule(name, layer, strict=True)
+            model.set_submodule(name, layer)
             self.layers[name] = layer
 
     @contextmanager
@@ -216,7 +216,7 @@ class Ropo(Parametrization):
                 plain.weight.copy_(layer.merged_weight().to(base.weight.dtype))
                 if base.bias is not None:
                     plain.bias.copy_(base.bias)
-            merged.set_submodule(name, plain.requires_grad_(False), strict=True)
+            merged.set_submodule(name, plain.requires_grad_(False))
         return merged
 
     def save_final(self, out_dir: Path) -> None:

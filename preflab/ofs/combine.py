@@ -130,8 +130,7 @@ class AtomMixture:
         self.ranks = torch.tensor(ranks)
         self.columns: Tensor | None = None
         for name in layers:
-            model.set_submodule(name, AtomLinear(model.get_submodule(name), [m[name] for m in modules], self),
-                                strict=True)
+            model.set_submodule(name, AtomLinear(model.get_submodule(name), [m[name] for m in modules], self))
 
     def set(self, coeffs: Tensor | None) -> None:
         """One coefficient per atom (a tensor that may require grad), or None for the base alone."""

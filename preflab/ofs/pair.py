@@ -107,7 +107,7 @@ class FastSlowLora:
         self.layers: dict[str, TwoLoraLinear] = {}
         for name in _targets(model, target_modules):
             layer = TwoLoraLinear(model.get_submodule(name), r, alpha, self.route, init_same, dropout)
-            model.set_submodule(name, layer, strict=True)
+            model.set_submodule(name, layer)
             self.layers[name] = layer
 
     def parameters(self, module: str) -> list[nn.Parameter]:
@@ -196,7 +196,7 @@ class FastSlowPair(Parametrization):
             base = twin.base
             with torch.no_grad():
                 base.weight += layer.scale * twin.lora_B[self.resting] @ twin.lora_A[self.resting]
-            merged.set_submodule(name, base, strict=True)
+            merged.set_submodule(name, base)
         return merged
 
     def save_final(self, out_dir: Path) -> None:

@@ -27,9 +27,13 @@ def _records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_delta_follows_the_training_rewards_and_resumes_exactly(tiny_model_dir, data, tmp_path, monkeypatch):
+def test_delta_follows_the_training_rewards_is_only_read_by_evaluation_and_resumes_exactly(tiny_model_dir, data,
+                                                                                            tmp_path, monkeypatch):
+    """One run evaluates after every step, the other never does and is killed after step 3 and resumed from the
+    step-2 checkpoint: both have the same δ at every step (evaluation reads δ, resume restores it)."""
     straight = tmp_path / "straight"
-    train(_config(tiny_model_dir, data, straight, "train.save_steps=2"))
+    result = train(_config(tiny_model_dir, data, straight, "train.save_steps=2", f"data.eval={data}",
+                           "train.eval_steps=1"))
     records = _records(straight)
     deltas = [r["delta"] for r in records]
     # δ after step k is the mean of the k batches' rewards (4, 4, 2, 4 pairs: 10 pairs, batch 4)
@@ -38,23 +42,14 @@ def test_delta_follows_the_training_rewards_and_resumes_exactly(tiny_model_dir, 
     state = json.loads((list_checkpoints(straight)[-1] / "state.json").read_text())
     assert state["objective"]["0"]["count"] == 2 * (4 + 4 + 2 + 4)  # every reward of the 4 steps, chosen and rejected
     assert state["objective"]["0"]["mean"] == pytest.approx(deltas[-1], abs=1e-6)
+    assert result.before["delta"] == 0.0  # no training step yet
+    assert result.after["delta"] == pytest.approx(deltas[-1], abs=1e-6)
 
-    # killed after step 3, resumed from the step-2 checkpoint: δ restored, the same records
     resumed = tmp_path / "resumed"
     train_until_killed(_config(tiny_model_dir, data, resumed, "train.save_steps=2"), 3, monkeypatch)
     train(_config(tiny_model_dir, data, resumed, "train.save_steps=2"))
     assert [r["delta"] for r in _records(resumed)] == deltas
     assert [r["loss"] for r in _records(resumed)] == [r["loss"] for r in records]
-
-
-def test_evaluation_reads_delta_without_changing_it(tiny_model_dir, data, tmp_path):
-    quiet = tmp_path / "quiet"
-    train(_config(tiny_model_dir, data, quiet))
-    evaluated = tmp_path / "evaluated"
-    result = train(_config(tiny_model_dir, data, evaluated, f"data.eval={data}", "train.eval_steps=1"))
-    assert [r["delta"] for r in _records(evaluated)] == [r["delta"] for r in _records(quiet)]
-    assert result.before["delta"] == 0.0  # no training step yet
-    assert result.after["delta"] == pytest.approx(_records(quiet)[-1]["delta"], abs=1e-6)
 
 
 def test_ofs_observes_both_modules_once_a_step(tiny_model_dir, data, tmp_path):
