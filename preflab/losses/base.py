@@ -259,14 +259,17 @@ class Objective:
             total = reduce(local) if reduce is not None else local
             if not math.isfinite(total["sum"]) or total["count"] == 0:
                 continue
-            mean, count = self.tracked_mean(i), self.state.get(str(i), {"count": 0.0})["count"]
-            count += total["count"]
-            mean += (total["sum"] / total["count"] - mean) * total["count"] / count
+            prev = self._tracked(i)
+            count = prev["count"] + total["count"]
+            mean = prev["mean"] + (total["sum"] / total["count"] - prev["mean"]) * total["count"] / count
             self.state[str(i)] = {"mean": mean, "count": count}
+
+    def _tracked(self, i: int) -> dict:
+        return self.state.get(str(i), {"mean": 0.0, "count": 0.0})  # before the first observed step
 
     def tracked_mean(self, i: int) -> float:
         """Term ``i``'s running mean, 0 before the first observed step."""
-        return self.state.get(str(i), {"mean": 0.0})["mean"]
+        return self._tracked(i)["mean"]
 
     def load_state(self, state: dict) -> None:
         """Restores the running means of a checkpoint (in place: the run's state holds this very dict)."""
