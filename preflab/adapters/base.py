@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..models.shards import copy_whole_
+
 
 class Parametrization(ABC):
     """A policy built from a base model. ``model`` is what the optimizer trains and the scorer runs."""
@@ -26,6 +28,9 @@ class Parametrization(ABC):
     def policy_module(self) -> nn.Module:
         """The module whose forward is the policy (what weight diagnostics read); ``model`` but for pairs."""
         return self.model
+
+    def follow(self, other: Parametrization) -> None:  # noqa: B027  (only pairs route)
+        """Run what ``other`` (the same kind, on another copy of the model) runs: a pair rests on its module."""
 
     def share_reference(self, other: Parametrization) -> None:  # noqa: B027  (most kinds hold no copy)
         """Use ``other``'s reference where this one holds a copy of its own (two of one kind on one model)."""
@@ -48,9 +53,9 @@ class Parametrization(ABC):
         unknown = [n for n in state if n not in params]
         if missing or unknown:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
-        with torch.no_grad():
+        with torch.no_grad():  # whole tensors: a sharded engine's parameters take their shards of them
             for name, value in state.items():
-                params[name].copy_(value)
+                copy_whole_(params[name], value)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts of the policy (shared tied weights counted once)."""

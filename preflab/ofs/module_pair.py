@@ -88,6 +88,9 @@ class ModulePair(Parametrization):
     def rest_on(self, module: str) -> None:
         self.model.route = module
 
+    def follow(self, other: Parametrization) -> None:
+        self.rest_on(other.resting)
+
     @property
     def resting(self) -> str:
         return self.model.route

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..adapters.base import Parametrization
 from ..data.collate import SequenceBatch
+from ..models.shards import copy_whole_
 from .combine import write_peft_lora
 
 MODULES = ("fast", "slow")
@@ -143,8 +144,8 @@ class FastSlowLora:
         saved = load_file(Path(out_dir) / "adapter_model.safetensors")
         with torch.no_grad():
             for name, layer in self.layers.items():
-                for kind in ("lora_A", "lora_B"):
-                    getattr(layer, kind)[module].copy_(saved[f"base_model.model.{name}.{kind}.weight"])
+                for kind in ("lora_A", "lora_B"):  # (a sharded engine's parameters take their shards)
+                    copy_whole_(getattr(layer, kind)[module], saved[f"base_model.model.{name}.{kind}.weight"])
 
 
 class FastSlowPair(Parametrization):
@@ -176,6 +177,9 @@ class FastSlowPair(Parametrization):
 
     def rest_on(self, module: str) -> None:
         self.pair.route.mode, self.pair.route.split = module, 0
+
+    def follow(self, other: Parametrization) -> None:
+        self.rest_on(other.resting)
 
     @property
     def resting(self) -> str:

@@ -14,8 +14,9 @@
 4. ``eval.json``: generation eval of θ̂_{t+1} against the starting model θ_0 (``eval.task``); ``done.json`` last.
 
 An interrupted run skips every iteration that has ``done.json`` and resumes the unfinished one where it stopped.
-Under DDP (several processes) the training runs as a DDP run; sampling, the generation eval and the extrapolation
-run on the main process while the others wait at a barrier (not sharded yet), and the main process alone writes.
+Under several processes (DDP, FSDP, DeepSpeed) the training runs under that engine; sampling, the KL estimate, the
+generation eval and the extrapolation run on the main process with whole weights (the run's ``final_policy``: under
+sharding the copy gathered from the shards) while the others wait at a barrier, and the main process alone writes.
 Adapters (LoRA, RoPO) are extrapolated on their merged weights W_0 + ΔW, never on their factors (the product is
 bilinear in them); each iteration trains a fresh adapter on the dense θ_t — the spec's ``merged`` realisation.
 ``metrics.jsonl`` holds one ``apo/`` record per iteration; ``final/`` is the returned model.
@@ -209,11 +210,12 @@ class ApoRun:
         return stats
 
     def kl_to_prev(self, run: TrainingRun) -> float:
-        """KL(π_t ‖ π̂_{t+1}) estimated on the iteration's pair responses (samples of π_t: its best and worst)."""
-        chunk = self.config.scorer.chunk_size
-        with torch.no_grad(), eval_mode(run.param.model):
-            policy = run.evaluation.score(SequenceScorer(run.param.model, chunk), run.train_pairs)
-            with run.param.reference() as ref, eval_mode(ref):
+        """KL(π_t ‖ π̂_{t+1}) estimated on the iteration's pair responses (samples of π_t: its best and worst), with
+        the trained policy's whole weights (main process)."""
+        chunk, whole = self.config.scorer.chunk_size, run.final_policy
+        with torch.no_grad(), eval_mode(whole.model):
+            policy = run.evaluation.score(SequenceScorer(whole.model, chunk), run.train_pairs)
+            with whole.reference() as ref, eval_mode(ref):
                 ref_logps = run.evaluation.score(SequenceScorer(ref, chunk), run.train_pairs)
         diffs = torch.cat([ref_logps.chosen - policy.chosen, ref_logps.rejected - policy.rejected])
         return diffs.mean().item()
@@ -238,7 +240,7 @@ class ApoRun:
         run = TrainingRun(self.inner_config(t, out / "pairs" / "train.jsonl"))
         result = run.run()
         t_train = time.perf_counter() - t0
-        if self.main:  # the others wait: the KL estimate, the evaluation and the extrapolation are not sharded yet
+        if self.main:  # the others wait: the KL estimate, the evaluation and the extrapolation use whole weights
             self.finish_iteration(t, run, result, stats, {"time/generation_seconds": t_gen,
                                                           "time/training_seconds": t_train}, steps_before)
         del run
@@ -253,10 +255,10 @@ class ApoRun:
         last = t == ac.iterations - 1
         t0 = time.perf_counter()
         kl_prev = self.kl_to_prev(run)
-        merged = run.param.merged_model()
+        merged = run.final_policy.merged_model()
         hat = dense_state(merged)
         save_model_atomically(merged, self.tokenizer, out / "policy")
-        evaluation = self.generation_eval(run.param.model)
+        evaluation = self.generation_eval(run.final_policy.model)
         t_eval = time.perf_counter() - t0
 
         extrap_norm, evaluation_x = 0.0, None

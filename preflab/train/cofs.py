@@ -20,9 +20,10 @@ preference metrics and gold reward, against θ₀) and ``done.json`` last; a rer
 ``matrix.json`` (the forgetting matrix, average final score, average forgetting), one ``cofs/`` record per stage in
 ``metrics.jsonl``, and ``final/`` (the last model, plain ``transformers``).
 
-Under DDP (several processes) the stages train as DDP runs (OFS with ``ofs.fused_forward: true``); the driver's own
-work — buffers, weight search, folding, evaluations — is deterministic and runs on every process alike (no
-coordination needed to agree), the main process alone writes, and the processes meet at a barrier before anything
+Under several processes (DDP, FSDP, DeepSpeed) the stages train under that engine (OFS with
+``ofs.fused_forward: true``); the driver's own work — buffers, weight search, folding, evaluations — runs on plain
+models, deterministic, on every process alike (no coordination needed to agree), the main process alone writes (a
+stage's weights from the run's whole copy, ``final_policy``), and the processes meet at a barrier before anything
 written is read.
 """
 
@@ -272,19 +273,23 @@ class DomainsRun:
         if arm == "cofs":
             if self.combination.dense and self.main:  # the domain's module as its dense change of the weights
                 mc = self.config.model
-                save_delta(dense_delta(run.param.merged_model(),
+                save_delta(dense_delta(run.final_policy.merged_model(),
                                        load_model(self.start_model(d), mc.dtype, mc.attn_implementation)),
                            out / "module")
             del run
             gc.collect()
             self.processes.wait_for_everyone()
             model, record["cofs"] = self.combination.combine(d, previous)
-        else:
-            model = run.param.merged_model()
+        else:  # (whole weights on the main process only where the engine shards them: the others read its copy)
+            model = run.final_policy.merged_model() if run.final_policy is not None else None
             del run
             gc.collect()
         if self.main:
             save_model_atomically(model, self.tokenizer, out / "model")
+        self.processes.wait_for_everyone()
+        if model is None:
+            mc = self.config.model
+            model = load_model(str(out / "model"), mc.dtype, mc.attn_implementation)
         model = model.to(self.device)
         record["eval"] = self.evaluate_domains(model)
         record["scores"] = {k: v["score"] for k, v in record["eval"].items()}

@@ -60,12 +60,6 @@ def _routed_pair(config: Config) -> bool:
 
 
 REFUSALS: tuple[Refusal, ...] = (
-    Refusal("engine × schedule", "FSDP, DeepSpeed × every schedule but offline",
-            "not built yet: they swap, merge or extrapolate whole weights between steps, which are not gathered from "
-            "the shards yet",
-            lambda c, e: _sharded(e) and c.schedule != "offline",
-            lambda c, e: _on_sharded(e, f"schedule {c.schedule} swaps, merges or extrapolates whole weights between "
-                                        "steps; only the offline schedule is supported")),
     Refusal("engine × optimizer", "FSDP, DeepSpeed × OnDARE, OnTIES",
             "not built yet: every update is merged with whole task vectors, which are not sharded alike yet",
             lambda c, e: _sharded(e) and c.optim.name != "adamw",
@@ -81,6 +75,11 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda c, e: e == "deepspeed" and c.train.on_nonfinite == "skip",
             lambda c, e: "accelerate DeepSpeed: train.on_nonfinite=skip cannot skip an update that DeepSpeed applies "
                          "inside its backward; use train.on_nonfinite=stop (or launch with another engine)"),
+    Refusal("engine × schedule", "DeepSpeed × OFS with ofs.clip_scope per_module",
+            "DeepSpeed clips every gradient together inside its step: one norm for both modules",
+            lambda c, e: e == "deepspeed" and _uses_ofs(c) and c.ofs.clip_scope == "per_module",
+            lambda c, e: "accelerate DeepSpeed: ofs.clip_scope=per_module cannot clip each module apart, DeepSpeed "
+                         "clips every gradient together inside its step; use ofs.clip_scope=joint"),
     Refusal("engine × schedule", "several processes × OFS with one forward per module",
             "DDP synchronises one forward per backward; only the LoRA pair's routed forward runs both modules in one",
             lambda c, e: _uses_ofs(c) and e != "single" and not (c.ofs.fused_forward and _routed_pair(c)),

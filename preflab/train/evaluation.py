@@ -97,9 +97,8 @@ class Evaluation:
     # -- generation ------------------------------------------------------------------------------------------
 
     def generation(self, tokenizer, model: torch.nn.Module, reference: Callable) -> dict | None:
-        """The generation eval of ``eval.task`` (main process: the engine's plain models, no collective)."""
+        """The generation eval of ``eval.task`` (main process: plain models, no collective)."""
         if not self.config.eval.task:
             return None
         evaluator = GenerationEvaluator(tokenizer, self.config.eval)
-        with self.engine.plain_models():
-            return evaluator.evaluate(model, reference)
+        return evaluator.evaluate(model, reference)

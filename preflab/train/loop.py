@@ -88,8 +88,7 @@ class TrainingRun:
         if dc.eval:
             self.eval_pairs, report = load_pairs(dc.eval, dc.eval_split, pair_tokenizer, dc.on_error, dc.max_eval_pairs)
             self.reports.append(report.summary())
-        with self.engine.plain_models():
-            model = load_model(config.model.name, config.model.dtype, config.model.attn_implementation)
+        model = load_model(config.model.name, config.model.dtype, config.model.attn_implementation)
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.param = self.program.parametrization(model)
@@ -112,6 +111,8 @@ class TrainingRun:
         # the objective's running means (BCO's δ) live in the checkpointed state
         self.state = {"step": 0, "micro": 0, "tokens": 0, "seconds": 0.0, "objective": self.objective.state}
         self.eval_record: dict = {"before": None, "history": [], "after": None}
+        # after run(): the trained policy with whole weights (whole_policy), for a driver's work on the main process
+        self.final_policy: Parametrization | None = None
         self.evaluation = Evaluation(config, self.engine, self.objective, self.reference, self.train_pairs,
                                      self.eval_pairs, self.pad_id)
         self.program.prepare(self)
@@ -261,9 +262,9 @@ class TrainingRun:
 
         def rebuild(state: dict) -> Parametrization:
             mc = self.config.model
-            with self.engine.plain_models():
-                policy = self.program.parametrization(load_model(mc.name, mc.dtype, mc.attn_implementation))
+            policy = self.program.parametrization(load_model(mc.name, mc.dtype, mc.attn_implementation))
             policy.load_trainable_state_dict(state)
+            policy.follow(self.param)  # (a pair rests on the module the sharded one rests on)
             policy.place(self.engine.device)
             return policy
 
@@ -373,7 +374,7 @@ class TrainingRun:
                 self.eval_record["history"] = [h for h in self.eval_record["history"]
                                                if h["step"] != self.state["step"]]
                 self.eval_record["history"].append({"step": self.state["step"], **self.eval_record["after"]})
-            policy = self.whole_policy()
+            policy = self.final_policy = self.whole_policy()
             if main:
                 result = self.evaluation.generation(self.tokenizer, policy.model, policy.reference)
                 if result is not None:

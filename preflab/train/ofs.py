@@ -184,10 +184,11 @@ class OfsProgram(StepProgram):
         result = {**result, "ofs/fast_loss": fast["loss"]}
         best = run.state.get("ofs_best_fast")
         if best is None or fast["loss"] < best["loss"]:
+            whole = run.whole_policy()  # (under sharding a collective: the main process's whole copy)
             if run.engine.is_main:
                 out, tmp = run.run_dir / "best_fast", run.run_dir / ".best_fast.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
-                run.param.save_module("fast", tmp)
+                whole.save_module("fast", tmp)
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp, out)
             run.engine.barrier()  # the others read best_fast/ at the end of training

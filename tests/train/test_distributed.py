@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,28 @@ def _torchrun(args, tmp_path, target=("-m", "preflab.cli", "train")) -> subproce
     return proc
 
 
+ACCELERATE_CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
+ENGINES = {"fsdp": ("fsdp.yaml", "engine fsdp: 2 processes"),
+           "zero2": ("deepspeed_zero2.yaml", "engine deepspeed ZeRO-2: 2 processes"),
+           "zero3": ("deepspeed_zero3.yaml", "engine deepspeed ZeRO-3: 2 processes")}
+
+
+def launch(engine: str, args: list[str], tmp_path=None) -> subprocess.CompletedProcess:
+    """``preflab train`` with ``args`` on 2 CPU processes under ``engine``: ``ddp`` (torchrun) or a shipped accelerate
+    config (``fsdp``, ``zero2``, ``zero3``); they must succeed, and the log must name the engine."""
+    if engine == "ddp":
+        return _torchrun(args, tmp_path)
+    config, banner = ENGINES[engine]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           str(ACCELERATE_CONFIGS / config), "--main_process_port", str(_free_port()), "-m", "preflab.cli", "train",
+           *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # a collective out of step hangs
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert banner in proc.stderr
+    return proc
+
+
 def test_a_resumed_ddp_run_restores_each_process_random_state(tiny_model_dir, tmp_path):
     """LoRA dropout draws per process (each has its own batch shapes); a run stopped after step 2 and resumed must
     continue every process's generator where it stood, not the main process's."""
@@ -125,7 +148,8 @@ def test_a_resumed_ddp_run_restores_each_process_random_state(tiny_model_dir, tm
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
-def test_cofs_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
+def test_cofs_under_ddp_equals_one_process(tiny_model_dir, tmp_path, engine):
     """COFS-DPO on 2 processes: the OFS stages under DDP, the driver's search and evaluations on every process,
     the main process writing — the same weights, scores and held-out losses as one process with the global batch."""
     a = write_jsonl(tmp_path / "a.jsonl", sentiment_rows(12))
@@ -139,8 +163,9 @@ def test_cofs_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
                 "train.max_steps=3", "train.eval_steps=2", "parametrization.kind=lora", "parametrization.r=4",
                 "parametrization.dropout=0", "ofs.fused_forward=true", "cofs.buffer_size=6", "cofs.grid_step=0.5"]
 
-    _torchrun(args(tmp_path / "ddp", 2), tmp_path)
-    train(load_config(None, args(tmp_path / "single", 4)))
+    extra = [] if engine in ("ddp", "fsdp") else ["ofs.clip_scope=joint"]
+    launch(engine, [*args(tmp_path / "ddp", 2), *extra], tmp_path)
+    train(load_config(None, [*args(tmp_path / "single", 4), *extra]))
     ddp, single = (json.loads((tmp_path / r / "matrix.json").read_text()) for r in ("ddp", "single"))
     assert ddp["stages"] == single["stages"] == ["a", "b"]
     assert ddp["scores"] == single["scores"]
@@ -156,7 +181,8 @@ def test_cofs_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
     assert dc["weights"] == sc["weights"]
 
 
-def test_apo_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
+def test_apo_under_ddp_equals_one_process(tiny_model_dir, tmp_path, engine):
     """APO on 2 processes: the main process samples (the same pairs as one process), the DPO iterations train under
     DDP, the extrapolated model and the records match one process with the global batch."""
     from preflab.models.loader import load_model
@@ -168,7 +194,7 @@ def test_apo_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
                 "apo.max_new_tokens=12", "apo.batch_prompts=8", "apo.alpha=0.3", f"train.batch_size={batch_size}",
                 "train.max_steps=2", "train.lr=1e-2", "train.warmup_ratio=0"]
 
-    _torchrun(args(tmp_path / "ddp", 2), tmp_path)
+    launch(engine, args(tmp_path / "ddp", 2), tmp_path)
     train(load_config(None, args(tmp_path / "single", 4)))
     for it in ("iter-1", "iter-2"):
         pairs = [(tmp_path / r / it / "pairs" / "train.jsonl").read_text() for r in ("ddp", "single")]

@@ -3,39 +3,21 @@ accelerate configs: the same losses, weights and generations as one process with
 checkpoints that resume (FSDP's under any engine, DeepSpeed's under DeepSpeed); a clear error for what they refuse."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import sentiment_rows, write_jsonl
 from safetensors.torch import load_file
-from test_distributed import _args, _free_port, _losses
+from test_distributed import _args, _losses, _records, launch
 
 from preflab.config import ConfigError, load_config
 from preflab.train import train
 from preflab.train.checkpoint import list_checkpoints
 from preflab.train.compat import check_compatible
 
-ACCELERATE_CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
-ENGINES = {"fsdp": ("fsdp.yaml", "engine fsdp: 2 processes"),
-           "zero2": ("deepspeed_zero2.yaml", "engine deepspeed ZeRO-2: 2 processes"),
-           "zero3": ("deepspeed_zero3.yaml", "engine deepspeed ZeRO-3: 2 processes")}
-WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
-
-
-def _accelerate_launch(engine: str, args: list[str]) -> None:
-    config, banner = ENGINES[engine]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-           str(ACCELERATE_CONFIGS / config), "--main_process_port", str(_free_port()), "-m", "preflab.cli", "train",
-           *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a collective out of step hangs
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert banner in proc.stderr
+WEIGHTS = {"lora": "adapter_model.safetensors", "ofs": "adapter_model.safetensors", "full": "model.safetensors"}
 
 
 def _assert_same_weights(a_file: Path, b_file: Path, atol: float) -> None:
@@ -46,24 +28,32 @@ def _assert_same_weights(a_file: Path, b_file: Path, atol: float) -> None:
 
 
 @pytest.mark.parametrize(("engine", "kind", "reference_cache"), [
-    ("fsdp", "lora", "lazy"), ("fsdp", "full", "precompute"), ("zero2", "lora", "lazy"),
+    ("fsdp", "lora", "lazy"), ("fsdp", "full", "precompute"), ("fsdp", "ofs", "lazy"), ("zero2", "lora", "lazy"),
+    ("zero2", "ofs", "lazy"), ("zero3", "ofs", "precompute"),
     ("zero3", "lora", "precompute"), ("zero3", "full", "lazy")])
 def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_dir, tmp_path, engine, kind,
                                                                    reference_cache):
     data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(11))
     extra = [f"data.eval={data}", "train.save_steps=2", f"scorer.reference_cache={reference_cache}",
              f"scorer.reference_cache_dir={tmp_path / 'cache'}"] + (["train.lr=1e-3"] if kind == "full" else [])
+    if kind == "ofs":  # roles decided every step: the slow module leads at the end; DeepSpeed clips every gradient
+        # together, inside its step
+        extra += ["ofs.swap_interval=1"] + (["ofs.clip_scope=joint"] if engine != "fsdp" else [])
     if engine == "zero3":  # the main process generates alone with an unsharded copy while the others wait
         extra += ["eval.task=sentiment", "eval.num_prompts=4", "eval.max_new_tokens=8"]
     # 5 of the 11 pairs' reference log-probs cached: a sharded reference forward is a collective, which the
     # processes must run together even where one of them finds its pairs in the cache
     train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "warm", 4, kind), *extra,
                              "data.max_train_pairs=5", "train.max_steps=1", "eval.task=null"]))
-    _accelerate_launch(engine, [*_args(tiny_model_dir, data, tmp_path / "multi", 2, kind), *extra])
+    launch(engine, [*_args(tiny_model_dir, data, tmp_path / "multi", 2, kind), *extra])
     train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "single", 4, kind), *extra]))
 
     multi, single = tmp_path / "multi", tmp_path / "single"
     assert _losses(multi) == pytest.approx(_losses(single), abs=1e-5)
+    if kind == "ofs":  # both modules' losses and the roles; the slow module leads at the end: final/ is the leader
+        for key in ("ofs/loss_fast", "ofs/loss_slow", "ofs/leader"):
+            assert [r[key] for r in _records(multi)] == pytest.approx([r[key] for r in _records(single)], abs=1e-5)
+        assert _records(multi)[-1]["ofs/leader"] == 1
     # checkpoints and final/ hold whole tensors by parameter name, as one process writes them
     for part in ("checkpoints/step-00000002/trainable.safetensors", f"final/{WEIGHTS[kind]}"):
         _assert_same_weights(multi / part, single / part, atol=1e-4)
@@ -84,29 +74,31 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
     else:
         with pytest.raises(ConfigError, match="written under DeepSpeed .* resume it under DeepSpeed with 2 processes"):
             train(load_config(None, [*_args(tiny_model_dir, data, resumed, 4, kind), *again]))
-        _accelerate_launch(engine, [*_args(tiny_model_dir, data, resumed, 2, kind), *again])
+        launch(engine, [*_args(tiny_model_dir, data, resumed, 2, kind), *again])
     _assert_same_weights(resumed / "final" / WEIGHTS[kind], multi / "final" / WEIGHTS[kind], atol=1e-6)
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
 @pytest.mark.parametrize(("override", "match"), [
-    ("schedule=ofs", "schedule ofs .* only the offline schedule"),
-    ("schedule=apo", "schedule apo .* only the offline schedule"),
     ("optim={name: ondare_adamw, base_model: m}", "optim.name=ondare_adamw .* use adamw"),
     ("diag.enabled=true", "set diag.enabled=false"),
 ])
 def test_sharding_engines_refuse_what_needs_whole_weights_before_any_work(engine, override, match):
-    fused = ["ofs.fused_forward=true"] if override == "schedule=ofs" else []  # (DDP needs it for OFS)
     full = ["parametrization.kind=full"] if override.startswith("optim") else []  # (the paper's setting)
-    config = load_config(None, ["diag.enabled=false", override, *fused, *full])
+    config = load_config(None, ["diag.enabled=false", override, *full])
     with pytest.raises(ConfigError, match=match):
         check_compatible(config, engine)
     check_compatible(config, "ddp")
 
 
-def test_deepspeed_refuses_skipping_updates_it_applies_itself():
-    config = load_config(None, ["diag.enabled=false", "train.on_nonfinite=skip"])
-    with pytest.raises(ConfigError, match="DeepSpeed: train.on_nonfinite=skip .* use train.on_nonfinite=stop"):
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["train.on_nonfinite=skip"], "DeepSpeed: train.on_nonfinite=skip .* use train.on_nonfinite=stop"),
+    (["schedule=ofs", "ofs.fused_forward=true"], "DeepSpeed: ofs.clip_scope=per_module .* use ofs.clip_scope=joint"),
+    (["schedule=apo", "apo.inner=ofs", "ofs.fused_forward=true"], "ofs.clip_scope=per_module .* ofs.clip_scope=joint")])
+def test_deepspeed_refuses_what_its_own_step_does_instead(overrides, match):
+    """DeepSpeed applies the update (and clips every gradient together) inside its backward."""
+    config = load_config(None, ["diag.enabled=false", *overrides])
+    with pytest.raises(ConfigError, match=match):
         check_compatible(config, "deepspeed")
     for engine in ("single", "ddp", "fsdp"):
         check_compatible(config, engine)

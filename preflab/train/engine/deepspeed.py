@@ -5,7 +5,6 @@ the weights (its forwards are collectives, whole tensors are gathered from the p
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,18 +74,12 @@ class DeepSpeedEngine(DdpEngine):
 class Zero3Engine(DeepSpeedEngine, ShardedEngine):
     """ZeRO-3: DeepSpeed's update and files, sharded weights."""
 
-    @contextmanager
-    def plain_models(self):
-        """With a ZeRO-3 config registered transformers would partition a model while loading it and sync generation
-        over the processes: collectives every process must join (the main process's unsharded copy would hang), and
-        a partitioned model gives no reference copy. preflab loads models whole; the engine partitions the policy
-        when it is built."""
-        from transformers.integrations import deepspeed as hf_deepspeed
+    def __init__(self, accelerator, zero_stage: int):
+        super().__init__(accelerator, zero_stage)
+        # With a ZeRO-3 config registered transformers partitions a model while loading it and syncs generation
+        # over the processes: collectives every process must join (a driver's or the main process's whole copy
+        # would hang), and a partitioned model gives no reference copy. preflab loads every model whole (the
+        # engine partitions the policy when it is prepared): the registration accelerate made is dropped.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        registered = hf_deepspeed._hf_deepspeed_config_weak_ref
-        hf_deepspeed.unset_hf_deepspeed_config()
-        try:
-            yield
-        finally:
-            if registered is not None and registered() is not None:
-                hf_deepspeed.set_hf_deepspeed_config(registered())
+        unset_hf_deepspeed_config()

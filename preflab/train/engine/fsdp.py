@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ...models.shards import gather_named, gather_optimizer_state, shard_optimizer_state
 from .ddp import DdpEngine
-from .shards import gather_named, gather_optimizer_state, shard_like, shard_optimizer_state
 
 
 class ShardedEngine(DdpEngine):
@@ -44,9 +44,7 @@ class FsdpEngine(ShardedEngine):
         return gather_optimizer_state(optimizer.state_dict(), keep)
 
     def restore(self, checkpoint: dict, path: Path, policy, optimizer: torch.optim.Optimizer) -> None:
-        # the checkpoint holds whole tensors: this process takes its shards
-        params = dict(policy.model.named_parameters())
-        trainable = {n: shard_like(t, params[n]) if n in params else t for n, t in checkpoint["trainable"].items()}
-        policy.load_trainable_state_dict(trainable)
+        # the checkpoint holds whole tensors: this process takes its shards (Parametrization.load_trainable_state_dict)
+        policy.load_trainable_state_dict(checkpoint["trainable"])
         ordered = [p for g in optimizer.param_groups for p in g["params"]]
         optimizer.load_state_dict(shard_optimizer_state(checkpoint["optimizer"], ordered))

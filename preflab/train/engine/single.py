@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -79,11 +79,6 @@ class Engine:
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         self.model, optimizer = self.accelerator.prepare(model, optimizer)
         return self.model, optimizer
-
-    @contextmanager
-    def plain_models(self):
-        """Models loaded or run within it are plain one-process models (ZeRO-3 would partition them)."""
-        yield
 
     # -- forwards under sharding ----------------------------------------------------------------------------
 

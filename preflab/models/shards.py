@@ -59,6 +59,21 @@ def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(tensor.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
+def copy_whole_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Writes the whole tensor ``value`` into ``param`` (under no_grad): into its shard where ``param`` is an FSDP
+    ``DTensor`` (no communication: every process holds ``value``); into its partitions where it is a DeepSpeed ZeRO-3
+    parameter (a collective: every process calls it, in the same order); else a plain copy."""
+    if is_sharded(param):
+        param.copy_(shard_like(value, param))
+    elif hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.copy_(value.to(param.device, param.dtype))
+    else:
+        param.copy_(value)
+
+
 def shard_optimizer_state(state_dict: dict, params: list[torch.Tensor]) -> dict:
     """A whole-tensor optimizer ``state_dict`` with every per-parameter tensor of the parameter's shape turned into
     this process's shard of it (``params``: the optimizer's parameters in its order)."""
