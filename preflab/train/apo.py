@@ -258,7 +258,7 @@ class ApoRun:
         merged = run.final_policy.merged_model()
         hat = dense_state(merged)
         save_model_atomically(merged, self.tokenizer, out / "policy")
-        evaluation = self.generation_eval(run.final_policy.model)
+        evaluation = self.generation_eval(run.final_policy.policy_module())
         t_eval = time.perf_counter() - t0
 
         extrap_norm, evaluation_x = 0.0, None

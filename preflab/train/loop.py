@@ -376,7 +376,7 @@ class TrainingRun:
                 self.eval_record["history"].append({"step": self.state["step"], **self.eval_record["after"]})
             policy = self.final_policy = self.whole_policy()
             if main:
-                result = self.evaluation.generation(self.tokenizer, policy.model, policy.reference)
+                result = self.evaluation.generation(self.tokenizer, policy.policy_module(), policy.reference)
                 if result is not None:
                     self.eval_record["generation"] = {self.config.eval.task: result}
         self.save()
