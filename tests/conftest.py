@@ -95,3 +95,19 @@ def train_until_killed(config, step: int, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         train(config)
     monkeypatch.setattr(TrainingRun, "optimizer_step", original)
+
+
+def prepare_probe(probe, reference, tokenizer, chunk_size: int, cache=None) -> None:
+    """A 3D probe prepared as one process prepares it: sampled (or read from ``cache``) from ``reference`` (a
+    context that yields the model), then scored under it."""
+    from contextlib import contextmanager
+
+    from preflab.models.scorer import SequenceScorer
+
+    @contextmanager
+    def scorer():
+        with reference() as model:
+            yield SequenceScorer(model, chunk_size)
+
+    rows = probe.sample(reference, tokenizer, cache) if probe.samples else None
+    probe.prepare(scorer(), "cpu", rows)

@@ -30,7 +30,7 @@ from ..config import DiagConfig
 from ..console import progress
 from ..data.tokenize import TokenizedPair
 from ..models.generate import SamplingConfig, generate
-from ..models.scorer import SequenceScorer
+from ..models.scorer import eval_mode
 from .scoring import Rows, score_sequences
 
 
@@ -51,7 +51,15 @@ class ThreeDProbe:
         self._ref: tuple[torch.Tensor, torch.Tensor] | None = None
         self.history: list[dict] = []
 
-    def _probe_from_reference(self, reference: nn.Module, tokenizer, cache: Path | None) -> Rows:
+    @property
+    def samples(self) -> bool:
+        """Its probe responses are sampled from the reference (``sample`` before ``prepare``)."""
+        return self.cfg.probe_kind == "reference_samples" and bool(self.heldout_prompts)
+
+    def sample(self, reference: Callable[[], AbstractContextManager[nn.Module]] | None, tokenizer,
+               cache: Path | None) -> Rows:
+        """The probe responses: read from ``cache`` where it is stored, else sampled from the whole-weight
+        ``reference`` (and stored there)."""
         if cache is not None and cache.is_file():
             return [(tuple(r["prompt_ids"]), tuple(r["response_ids"])) for r in map(json.loads, cache.open())]
         cfg = self.cfg
@@ -59,10 +67,12 @@ class ThreeDProbe:
         sampling = SamplingConfig(max_new_tokens=cfg.probe_max_new_tokens, temperature=cfg.probe_temperature)
         rows: Rows = []
         starts = range(0, len(prompts), self.batch_size)
-        for b, start in enumerate(progress(starts, desc="3D probe: sampling from the reference", unit="batches")):
-            groups = generate(reference, tokenizer, prompts[start:start + self.batch_size], cfg.probe_samples,
-                              sampling, seed=self.seed * 1_000_003 + b)
-            rows += [(g.prompt_ids, g.response_ids) for group in groups for g in group if g.response_ids]
+        with reference() as ref, eval_mode(ref):
+            for b, start in enumerate(progress(starts, desc="3D probe: sampling from the reference",
+                                               unit="batches")):
+                groups = generate(ref, tokenizer, prompts[start:start + self.batch_size], cfg.probe_samples,
+                                  sampling, seed=self.seed * 1_000_003 + b)
+                rows += [(g.prompt_ids, g.response_ids) for group in groups for g in group if g.response_ids]
         if cache is not None:
             tmp = cache.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps({"prompt_ids": list(p), "response_ids": list(r)}) + "\n"
@@ -86,18 +96,14 @@ class ThreeDProbe:
         return (f"3D diagnostics: {what} under the reference, once before the first step (diag.probe_prompts, "
                 f"diag.probe_max_new_tokens and diag.seen_pairs size it; diag.enabled=false skips it)")
 
-    def prepare(self, reference: Callable[[], AbstractContextManager[nn.Module]], tokenizer, device,
-                chunk_size: int, cache: Path | None = None) -> None:
-        """Sample the probe responses (or load them from ``cache``) and score everything under the reference."""
-        with reference() as ref:
-            was_training = ref.training
-            ref.eval()
-            try:
-                if self.cfg.probe_kind == "reference_samples" and self.heldout_prompts:
-                    self.probe_rows = self._probe_from_reference(ref, tokenizer, cache)
-                self._ref = self._score(SequenceScorer(ref, chunk_size), device)
-            finally:
-                ref.train(was_training)
+    def prepare(self, reference_scorer: AbstractContextManager[nn.Module], device,
+                probe_rows: Rows | None = None) -> None:
+        """Score the seen pairs and the probe responses (``probe_rows``, from :meth:`sample`, where it samples)
+        under the reference (``reference_scorer``: a context that yields a sequence scorer)."""
+        if probe_rows is not None:
+            self.probe_rows = probe_rows
+        with reference_scorer as ref, eval_mode(ref):
+            self._ref = self._score(ref, device)
 
     def _score(self, scorer: nn.Module, device) -> tuple[torch.Tensor, torch.Tensor]:
         return score_sequences(scorer, self.seen_rows + self.probe_rows, self.pad_id, self.batch_size, device)

@@ -65,11 +65,6 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda c, e: _sharded(e) and c.optim.name != "adamw",
             lambda c, e: _on_sharded(e, f"optim.name={c.optim.name} merges every update with whole task vectors; "
                                         "use adamw")),
-    Refusal("engine × diagnostics", "FSDP, DeepSpeed × the 3D diagnostics",
-            "not built yet: they sample and measure with unsharded weights",
-            lambda c, e: _sharded(e) and c.diag.enabled,
-            lambda c, e: _on_sharded(e, "the 3D diagnostics sample and measure with unsharded weights; set "
-                                        "diag.enabled=false")),
     Refusal("engine × non-finite policy", "DeepSpeed × train.on_nonfinite: skip",
             "DeepSpeed applies the update inside its backward: there is no update left to skip",
             lambda c, e: e == "deepspeed" and c.train.on_nonfinite == "skip",

@@ -1,6 +1,7 @@
 """What a run measures besides its training loss: held-out preference metrics (before, every ``train.eval_steps``,
 after), the 3D probe and the hyperspherical energy (every ``diag.probe_every`` / ``diag.he_every`` steps), and the
-generation-based evaluation at the end (``eval.task``, the main process alone)."""
+generation-based evaluation at the end (``eval.task``, the main process alone). What needs whole weights (sampling,
+the energy, generation) runs on the main process with the run's whole-weight policy, under any engine."""
 
 from __future__ import annotations
 
@@ -59,22 +60,32 @@ class Evaluation:
 
     # -- 3D probe and hyperspherical energy ------------------------------------------------------------------
 
-    def prepare_diagnostics(self, param, tokenizer, state: dict, cache, policy_scorer) -> str | None:
-        """Samples (or reads) the probe responses and scores the reference, then the reference's energy; the probe's
-        log line (None without a probe)."""
-        line = None
+    def prepare_diagnostics(self, whole: Callable, tokenizer, state: dict, cache, policy_scorer) -> str | None:
+        """The probe responses sampled (or read) by the main process from the run's whole-weight policy
+        (``whole()``, a collective where weights are sharded: see ``TrainingRun.whole_policy``) and shared, scored
+        under the reference by every process; then the reference's energy (main process). The probe's log line
+        (None without a probe)."""
+        line, engine = None, self.engine
+        needs_whole = self.energy is not None
         if self.probe is not None:
             log.info(self.probe.plan(cache))
             t0 = time.perf_counter()
-            self.probe.prepare(param.reference, tokenizer, self.engine.device, self.config.scorer.chunk_size,
-                               cache=cache)
+            stored = engine.share(cache is not None and cache.is_file())
+            needs_whole = needs_whole or (self.probe.samples and not stored)
+        policy = whole() if needs_whole else None
+        if self.probe is not None:
+            rows = None
+            if self.probe.samples:
+                reference = policy.reference if policy is not None else None
+                rows = engine.share(self.probe.sample(reference, tokenizer, cache) if engine.is_main else None)
+            self.probe.prepare(self.reference.scorer(), engine.device, rows)
             self.probe.history = state.setdefault("diag_history", [])  # checkpointed with the run's state
             if not self.probe.history:  # the starting point of every curve (zero when the policy is the reference)
                 self.measure_probe(policy_scorer, None)
             line = (f"3D diagnostics: {len(self.probe.seen_rows) // 2} seen pairs, {len(self.probe.probe_rows)} probe "
                     f"responses, prepared in {time.perf_counter() - t0:.1f} s")
-        if self.energy is not None:
-            self.energy.prepare(param.reference)
+        if self.energy is not None and engine.is_main:
+            self.energy.prepare(policy.reference)
         return line
 
     def measure_probe(self, policy_scorer: torch.nn.Module, log_grad_ratio: float | None) -> dict:
@@ -84,15 +95,18 @@ class Evaluation:
         out["3d/probe_seconds"] = time.perf_counter() - t0
         return out
 
-    def at_step(self, step: int, last: int, record: dict, policy_scorer, model: torch.nn.Module) -> None:
-        """The probe and the energy when their step comes (into ``record``)."""
+    def at_step(self, step: int, last: int, record: dict, policy_scorer, whole: Callable) -> None:
+        """The probe (every process) and the energy (main process, on ``whole()``) when their step comes (into
+        ``record``)."""
         diag, tc = self.config.diag, self.config.train
         probe_every = diag.probe_every or tc.logging_steps
         if self.probe is not None and (step % probe_every == 0 or step == last):
             record.update(self.measure_probe(policy_scorer, record.get("3d/log_grad_ratio")))
         he_every = diag.he_every or probe_every
         if self.energy is not None and (step % he_every == 0 or step == last):
-            record.update(self.energy.measure(model))
+            policy = whole()
+            if self.engine.is_main:
+                record.update(self.energy.measure(policy.policy_module()))
 
     # -- generation ------------------------------------------------------------------------------------------
 

@@ -299,7 +299,7 @@ class TrainingRun:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}",
                                 acc=f"{record['rewards/accuracies']:.2f}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
-            self.evaluation.at_step(step, self.total_steps, record, self.scorer, self.param.policy_module())
+            self.evaluation.at_step(step, self.total_steps, record, self.scorer, self.whole_policy)
             if tc.eval_steps and step % tc.eval_steps == 0 and step < self.total_steps:
                 evaluation = self.evaluate()
                 if evaluation:
@@ -355,7 +355,7 @@ class TrainingRun:
             writer = MetricsWriter(self.run_dir / "metrics.jsonl", self.state["step"]) if main else None
             if tc.report_to:
                 engine.accelerator.init_trackers("preflab", config=flat(self.config.to_dict()))
-            line = self.evaluation.prepare_diagnostics(self.param, self.tokenizer, self.state,
+            line = self.evaluation.prepare_diagnostics(self.whole_policy, self.tokenizer, self.state,
                                                        self.run_dir / "probe.jsonl" if main else None, self.scorer)
             if line:
                 log.info(line)

@@ -4,7 +4,7 @@ import json
 from contextlib import contextmanager
 
 import pytest
-from conftest import make_tiny_model, sentiment_rows, write_jsonl
+from conftest import make_tiny_model, prepare_probe, sentiment_rows, write_jsonl
 
 from preflab.config import DiagConfig, load_config
 from preflab.data.formats import normalize_row
@@ -27,7 +27,7 @@ def test_policy_equal_to_reference_measures_exactly_zero(tokenizer, kind):
     def same():
         yield model
 
-    probe.prepare(same, tokenizer, "cpu", chunk_size=64)
+    prepare_probe(probe, same, tokenizer, 64)
     assert probe.probe_rows
     out = probe.measure(SequenceScorer(model, 64), "cpu")
     for key in ("3d/seen_chosen", "3d/seen_rejected", "3d/probe_logratio", "3d/probe_logratio_per_token"):
@@ -62,7 +62,7 @@ def test_the_plan_says_what_the_preparation_will_sample_score_or_read(tokenizer,
     def same():
         yield model
 
-    probe.prepare(same, tokenizer, "cpu", chunk_size=64)  # 3 prompts, 2 a batch: two sampling batches
+    prepare_probe(probe, same, tokenizer, 64)  # 3 prompts, 2 a batch: two sampling batches
     lines = [r.getMessage() for r in caplog.records if r.name == "preflab.progress"]
     assert [line.split(" (")[0] for line in lines] == ["3D probe: sampling from the reference 1/2 batches",
                                                        "3D probe: sampling from the reference 2/2 batches"]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_model, sentiment_rows
+from conftest import make_tiny_model, prepare_probe, sentiment_rows
 
 from preflab.config import DiagConfig
 from preflab.data.collate import collate_sequences
@@ -48,7 +48,7 @@ def test_seen_pairs_are_a_seeded_sample_and_cross_prompt_rows_pair_each_prompt_w
     assert _probe(tokenizer, pairs).seen_rows == probe.seen_rows != _probe(tokenizer, pairs, seed=1).seen_rows
     assert len(_probe(tokenizer, pairs, seen=2).probe_rows) == 2
     assert _probe(tokenizer, pairs, seen=1).probe_rows == []  # one pair: no other pair's response to borrow
-    assert _probe(tokenizer, pairs, kind="reference_samples").probe_rows == []  # sampled in prepare()
+    assert _probe(tokenizer, pairs, kind="reference_samples").probe_rows == []  # sampled by sample()
 
 
 def test_measure_before_prepare_says_so(tokenizer, pairs):
@@ -66,7 +66,7 @@ def test_metrics_equal_a_row_by_row_computation(tokenizer, pairs, seen):
         yield reference
 
     cross = list(probe.probe_rows)
-    probe.prepare(ref, tokenizer, "cpu", chunk_size=16)
+    prepare_probe(probe, ref, tokenizer, 16)
     assert probe.probe_rows == cross  # held-out prompts given, but cross_prompt samples nothing
     out = probe.measure(SequenceScorer(policy, 16), "cpu", log_grad_ratio=1.5)
     pad = tokenizer.pad_token_id
@@ -92,10 +92,10 @@ def test_one_probe_row_has_no_spread_and_no_probe_kind_has_no_probe_metrics(toke
 
     single = _probe(tokenizer, pairs, seen=2)
     single.probe_rows = single.probe_rows[:1]
-    single.prepare(ref, tokenizer, "cpu", chunk_size=16)
+    prepare_probe(single, ref, tokenizer, 16)
     assert single.measure(SequenceScorer(model, 16), "cpu")["3d/probe_logratio_std"] == 0.0
     none = _probe(tokenizer, pairs, kind="none")
-    none.prepare(ref, tokenizer, "cpu", chunk_size=16)
+    prepare_probe(none, ref, tokenizer, 16)
     assert not any(k.startswith("3d/probe") for k in none.measure(SequenceScorer(model, 16), "cpu"))
 
 
@@ -119,11 +119,11 @@ def test_reference_samples_are_drawn_in_seeded_batches_with_the_configured_sampl
     def ref():
         yield model
 
-    probe.prepare(ref, tokenizer, "cpu", chunk_size=16, cache=tmp_path / "probe.jsonl")
+    prepare_probe(probe, ref, tokenizer, 16, cache=tmp_path / "probe.jsonl")
     assert calls == [(heldout[:2], 2, 5, 0.7, 2_000_006), (heldout[2:], 2, 5, 0.7, 2_000_007)]
     assert probe.probe_rows == [(p, (7, i)) for p in heldout for i in range(2)]
     again = _probe(tokenizer, pairs, kind="reference_samples", heldout=heldout, seed=2)
-    again.prepare(ref, tokenizer, "cpu", chunk_size=16, cache=tmp_path / "probe.jsonl")
+    prepare_probe(again, ref, tokenizer, 16, cache=tmp_path / "probe.jsonl")
     assert again.probe_rows == probe.probe_rows and len(calls) == 2  # read back, not sampled again
     assert [p.name for p in tmp_path.iterdir()] == ["probe.jsonl"]
 

@@ -41,6 +41,10 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
         extra += ["ofs.swap_interval=1"] + (["ofs.clip_scope=joint"] if engine != "fsdp" else [])
     if engine == "zero3":  # the main process generates alone with an unsharded copy while the others wait
         extra += ["eval.task=sentiment", "eval.num_prompts=4", "eval.max_new_tokens=8"]
+    if kind == "lora" and engine != "zero2":  # the 3D probe (sampled by the main process, scored by all) and the
+        # energy (the main process's whole copy) on held-out prompts
+        extra += [f"data.eval={data}", "data.max_eval_pairs=3", "diag.enabled=true", "diag.seen_pairs=3",
+                  "diag.probe_prompts=2", "diag.probe_samples=1", "diag.probe_max_new_tokens=4", "diag.probe_every=2"]
     # 5 of the 11 pairs' reference log-probs cached: a sharded reference forward is a collective, which the
     # processes must run together even where one of them finds its pairs in the cache
     train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "warm", 4, kind), *extra,
@@ -54,6 +58,13 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
         for key in ("ofs/loss_fast", "ofs/loss_slow", "ofs/leader"):
             assert [r[key] for r in _records(multi)] == pytest.approx([r[key] for r in _records(single)], abs=1e-5)
         assert _records(multi)[-1]["ofs/leader"] == 1
+    if "diag.enabled=true" in extra:
+        measured = lambda k: k.startswith(("3d/", "he/")) and k != "3d/probe_seconds"  # noqa: E731
+        diagnostics = [{k: v for k, v in r.items() if measured(k)} for r in _records(single)]
+        assert "3d/probe_logratio" in diagnostics[1] and "he/drift_mean" in diagnostics[1]
+        for got, want in zip([r for r in _records(multi)], diagnostics, strict=True):
+            assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-5)
+        assert (multi / "probe.jsonl").read_text() == (single / "probe.jsonl").read_text()
     # checkpoints and final/ hold whole tensors by parameter name, as one process writes them
     for part in ("checkpoints/step-00000002/trainable.safetensors", f"final/{WEIGHTS[kind]}"):
         _assert_same_weights(multi / part, single / part, atol=1e-4)
@@ -81,11 +92,9 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
 @pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
 @pytest.mark.parametrize(("override", "match"), [
     ("optim={name: ondare_adamw, base_model: m}", "optim.name=ondare_adamw .* use adamw"),
-    ("diag.enabled=true", "set diag.enabled=false"),
 ])
 def test_sharding_engines_refuse_what_needs_whole_weights_before_any_work(engine, override, match):
-    full = ["parametrization.kind=full"] if override.startswith("optim") else []  # (the paper's setting)
-    config = load_config(None, ["diag.enabled=false", override, *full])
+    config = load_config(None, ["diag.enabled=false", override, "parametrization.kind=full"])  # (the paper's setting)
     with pytest.raises(ConfigError, match=match):
         check_compatible(config, engine)
     check_compatible(config, "ddp")
