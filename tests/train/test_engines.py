@@ -62,7 +62,7 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
         measured = lambda k: k.startswith(("3d/", "he/")) and k != "3d/probe_seconds"  # noqa: E731
         diagnostics = [{k: v for k, v in r.items() if measured(k)} for r in _records(single)]
         assert "3d/probe_logratio" in diagnostics[1] and "he/drift_mean" in diagnostics[1]
-        for got, want in zip([r for r in _records(multi)], diagnostics, strict=True):
+        for got, want in zip(_records(multi), diagnostics, strict=True):
             assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-5)
         assert (multi / "probe.jsonl").read_text() == (single / "probe.jsonl").read_text()
     # checkpoints and final/ hold whole tensors by parameter name, as one process writes them
