@@ -41,12 +41,12 @@ def gather_named(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torc
 
 def gather_optimizer_state(state_dict: dict, keep: bool) -> dict | None:
     """An optimizer ``state_dict`` with whole tensors in place of shards (None where not ``keep``: only the main
-    process holds the whole copies)."""
+    process holds the whole copies); its other entries (the merging optimizers' mask generator) as they are."""
     state = {}
     for index in sorted(state_dict["state"]):
         entry = state_dict["state"][index]
         state[index] = {**entry, **gather_named({k: v for k, v in entry.items() if torch.is_tensor(v)}, keep)}
-    return {"state": state, "param_groups": state_dict["param_groups"]} if keep else None
+    return {**state_dict, "state": state} if keep else None
 
 
 def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -82,4 +82,18 @@ def shard_optimizer_state(state_dict: dict, params: list[torch.Tensor]) -> dict:
         param = params[int(index)]
         state[index] = {key: shard_like(value, param) if torch.is_tensor(value) and value.shape == param.shape
                         else value for key, value in entry.items()}
-    return {"state": state, "param_groups": state_dict["param_groups"]}
+    return {**state_dict, "state": state}
+
+
+def move_state_to_shards(optimizer: torch.optim.Optimizer, before: list[torch.Tensor]) -> None:
+    """Re-keys the per-parameter state an optimizer held before FSDP swapped its parameters for their shards
+    (``before``: the parameters in the optimizer's order then; accelerate swaps the ``param_groups`` only, so the
+    merging optimizers' task vectors would be left on the whole originals): every tensor of the parameter's shape
+    becomes this process's shard of it. No communication."""
+    after = [p for g in optimizer.param_groups for p in g["params"]]
+    for old, new in zip(before, after, strict=True):
+        if new is old or old not in optimizer.state:
+            continue
+        entry = optimizer.state.pop(old)
+        optimizer.state[new] = {key: shard_like(value, new) if torch.is_tensor(value) and value.shape == new.shape
+                                else value for key, value in entry.items()}

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..models.shards import is_sharded, shard_like
+
 
 @dataclass(frozen=True)
 class MergingOptions:
@@ -194,9 +196,18 @@ class _MergingAdamW(torch.optim.Optimizer):
                         param.sub_(cache)
                         delta = delta + cache
                         cache.zero_()
-                    param.add_(self._merge(state["tau"], delta, self._alpha(group), group["eps"]))
+                    param.add_(self._merged(param, state["tau"], delta, group))
                 if not torch_rule and decay:
                     param.mul_(1 - decay)
+
+    def _merged(self, param: Tensor, tau: Tensor, delta: Tensor, group: dict) -> Tensor:
+        """The merged update of ``param``. A shard (an FSDP ``DTensor``) is merged as the whole tensor: τ̃ and δ are
+        gathered (a collective: every process merges every tensor, in the same order), the masks and top-k are
+        those of one process (every process draws from the same generator) and this process keeps its shard."""
+        alpha, eps = self._alpha(group), group["eps"]
+        if not is_sharded(param):
+            return self._merge(tau, delta, alpha, eps)
+        return shard_like(self._merge(tau.full_tensor(), delta.full_tensor(), alpha, eps), param)
 
     # -- state: the mask generator travels with the optimizer state ------------------------------------------
 

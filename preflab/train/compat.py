@@ -60,11 +60,13 @@ def _routed_pair(config: Config) -> bool:
 
 
 REFUSALS: tuple[Refusal, ...] = (
-    Refusal("engine × optimizer", "FSDP, DeepSpeed × OnDARE, OnTIES",
-            "not built yet: every update is merged with whole task vectors, which are not sharded alike yet",
-            lambda c, e: _sharded(e) and c.optim.name != "adamw",
-            lambda c, e: _on_sharded(e, f"optim.name={c.optim.name} merges every update with whole task vectors; "
-                                        "use adamw")),
+    Refusal("engine × optimizer", "DeepSpeed × OnDARE, OnTIES",
+            "DeepSpeed steps the optimizer on one flat partition per parameter group: no tensor is left whole or "
+            "named for its task vector, its mask or its top-k (FSDP shards each tensor apart: it merges them)",
+            lambda c, e: e == "deepspeed" and c.optim.name != "adamw",
+            lambda c, e: _on_sharded(e, f"optim.name={c.optim.name} merges each tensor's update with its task vector, "
+                                        "and DeepSpeed steps the optimizer on flat partitions of all the tensors; "
+                                        "use adamw, or launch with configs/accelerate/fsdp.yaml")),
     Refusal("engine × non-finite policy", "DeepSpeed × train.on_nonfinite: skip",
             "DeepSpeed applies the update inside its backward: there is no update left to skip",
             lambda c, e: e == "deepspeed" and c.train.on_nonfinite == "skip",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sentiment_rows, write_jsonl
+from conftest import make_tiny_model, sentiment_rows, write_jsonl
 from safetensors.torch import load_file
 from test_distributed import _args, _losses, _records, launch
 
@@ -89,15 +89,55 @@ def test_two_processes_equal_one_process_and_the_checkpoints_resume(tiny_model_d
     _assert_same_weights(resumed / "final" / WEIGHTS[kind], multi / "final" / WEIGHTS[kind], atol=1e-6)
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize(("name", "options"), [("ondare_adamw", "online_step: 2"), ("onties_adamw", "seed: 3")])
+def test_the_merging_optimizers_under_fsdp_equal_one_process_and_resume(tiny_model_dir, tokenizer, tmp_path, name,
+                                                                         options):
+    """Each sharded tensor is merged whole (τ̃ and δ gathered): the same DARE masks and TIES top-k as one process;
+    the task vectors, built before the model is sharded, move to the shards; OnDARE merges every 2nd step (the
+    remembered steps are shards too); an FSDP checkpoint (whole τ̃ and generator) resumes under one process."""
+    base = tmp_path / "base"
+    make_tiny_model(tokenizer, seed=7).save_pretrained(base)  # τ = θ_SFT − θ_base is not 0
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(8))
+    extra = [f"optim={{name: {name}, base_model: {base}, reserve_p: 0.3, alpha: 0.01, {options}}}",
+             "train.save_steps=2"]
+    launch("fsdp", [*_args(tiny_model_dir, data, tmp_path / "multi", 2, "full"), *extra])
+    train(load_config(None, [*_args(tiny_model_dir, data, tmp_path / "single", 4, "full"), *extra]))
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    if name == "ondare_adamw":
+        assert _losses(multi) == pytest.approx(_losses(single), abs=1e-5)
+    else:
+        assert _losses(multi) == pytest.approx(_losses(single), abs=2e-3)
+    _assert_merged_alike(multi / "final" / WEIGHTS["full"], single / "final" / WEIGHTS["full"], name, atol=1e-4)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(multi, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(list_checkpoints(resumed)[-1])
+    train(load_config(None, [*_args(tiny_model_dir, data, resumed, 4, "full"), *extra, "resume=auto"]))
+    _assert_merged_alike(resumed / "final" / WEIGHTS["full"], multi / "final" / WEIGHTS["full"], name, atol=1e-5)
+
+
+def _assert_merged_alike(a_file: Path, b_file: Path, name: str, atol: float) -> None:
+    """OnDARE: the same weights. OnTIES keeps the top-p of |δ| and Adam's first steps are all near ±lr: a different
+    summation order of the gradient (gloo's reduce-scatter) swaps a few elements at the threshold; the rest agree."""
+    if name == "ondare_adamw":
+        _assert_same_weights(a_file, b_file, atol)
+        return
+    a, b = load_file(a_file), load_file(b_file)
+    assert a.keys() == b.keys()
+    moved = sum(int(((a[k] - b[k]).abs() > atol).sum()) for k in a)
+    assert moved < 0.01 * sum(t.numel() for t in a.values()), moved
+
+
 @pytest.mark.parametrize(("override", "match"), [
-    ("optim={name: ondare_adamw, base_model: m}", "optim.name=ondare_adamw .* use adamw"),
+    ("optim={name: ondare_adamw, base_model: m}", "optim.name=ondare_adamw .* use adamw, or launch with .*fsdp"),
 ])
-def test_sharding_engines_refuse_what_needs_whole_weights_before_any_work(engine, override, match):
+def test_deepspeed_refuses_the_merging_optimizers_before_any_work(override, match):
     config = load_config(None, ["diag.enabled=false", override, "parametrization.kind=full"])  # (the paper's setting)
     with pytest.raises(ConfigError, match=match):
+        check_compatible(config, "deepspeed")
+    for engine in ("single", "ddp", "fsdp"):
         check_compatible(config, engine)
-    check_compatible(config, "ddp")
 
 
 @pytest.mark.parametrize(("overrides", "match"), [

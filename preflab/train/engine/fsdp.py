@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ...models.shards import gather_named, gather_optimizer_state, shard_optimizer_state
+from ...models.shards import gather_named, gather_optimizer_state, move_state_to_shards, shard_optimizer_state
 from .ddp import DdpEngine
 
 
@@ -39,6 +39,12 @@ class ShardedEngine(DdpEngine):
 class FsdpEngine(ShardedEngine):
     name = "fsdp"
     label = "FSDP"
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        before = [p for g in optimizer.param_groups for p in g["params"]]
+        model, optimizer = super().prepare(model, optimizer)
+        move_state_to_shards(optimizer, before)  # (the merging optimizers' task vectors, built on whole weights)
+        return model, optimizer
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer, keep: bool) -> dict | None:
         return gather_optimizer_state(optimizer.state_dict(), keep)
