@@ -299,6 +299,14 @@ def test_l1_rescale_uses_adams_eps_clamps_the_step_and_skips_a_vanishing_step():
     expected = (kept * delta.abs().sum() / (kept.abs().sum() + 0.5)).clamp(-0.015, 0.015)
     torch.testing.assert_close(param.detach(), expected, atol=1e-15, rtol=0)
     assert expected[2] == -0.015 and 0 < expected[0] < 0.015  # the clamp acted on one coordinate, ε on the other
+    flipped = torch.nn.Parameter(torch.zeros(4, dtype=F64))  # the mirrored step: the clamp acts at +c
+    opt = OnDAREAdamW.__new__(OnDAREAdamW)
+    opt._draw_mask = lambda like, prob: torch.tensor([True, False, True, False])
+    OnDAREAdamW.__init__(opt, [flipped], {flipped: tau}, lr=0.4, eps=0.5, reserve_p=p, alpha=0.0, rescale="l1",
+                         clip=0.015)
+    flipped.grad = -g
+    opt.step()
+    torch.testing.assert_close(flipped.detach(), -expected, atol=1e-15, rtol=0)
     tiny = torch.nn.Parameter(torch.zeros(4, dtype=F64))
     opt = OnDAREAdamW.__new__(OnDAREAdamW)
     opt._draw_mask = lambda like, prob: torch.tensor([True, False, True, False])
