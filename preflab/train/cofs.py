@@ -21,10 +21,10 @@ preference metrics and gold reward, against θ₀) and ``done.json`` last; a rer
 ``metrics.jsonl``, and ``final/`` (the last model, plain ``transformers``).
 
 Under several processes (DDP, FSDP, DeepSpeed) the stages train under that engine (OFS with
-``ofs.fused_forward: true``); the driver's own work — buffers, weight search, folding, evaluations — runs on plain
-models, deterministic, on every process alike (no coordination needed to agree), the main process alone writes (a
-stage's weights from the run's whole copy, ``final_policy``), and the processes meet at a barrier before anything
-written is read.
+``ofs.fused_forward: true`` under FSDP and DeepSpeed); the driver's own work — buffers, weight search, folding,
+evaluations — runs on plain models, deterministic, on every process alike (no coordination needed to agree), the
+main process alone writes (a stage's weights from the run's whole copy, ``final_policy``), and the processes meet at
+a barrier before anything written is read.
 """
 
 from __future__ import annotations

@@ -77,13 +77,15 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda c, e: e == "deepspeed" and _uses_ofs(c) and c.ofs.clip_scope == "per_module",
             lambda c, e: "accelerate DeepSpeed: ofs.clip_scope=per_module cannot clip each module apart, DeepSpeed "
                          "clips every gradient together inside its step; use ofs.clip_scope=joint"),
-    Refusal("engine × schedule", "several processes × OFS with one forward per module",
-            "DDP synchronises one forward per backward; only the LoRA pair's routed forward runs both modules in one",
-            lambda c, e: _uses_ofs(c) and e != "single" and not (c.ofs.fused_forward and _routed_pair(c)),
-            lambda c, e: "schedule: ofs under several processes needs ofs.fused_forward=true (DDP synchronises one "
-                         "forward per backward; the routed forward runs both modules in one)"
+    Refusal("engine × schedule", "FSDP, DeepSpeed × OFS with one forward per module",
+            "their gradient reduction follows each forward; only the LoRA pair's routed forward runs both modules in "
+            "one (DDP averages the gradients of two forwards itself)",
+            lambda c, e: _uses_ofs(c) and _sharded(e) and not (c.ofs.fused_forward and _routed_pair(c)),
+            lambda c, e: f"schedule: ofs under {ENGINE_LABELS[e]} needs ofs.fused_forward=true (its gradient reduction "
+                         "follows each forward; the routed forward runs both modules in one)"
                          + ("" if _routed_pair(c) else f"; a pair of {c.parametrization.name} runs one forward per "
-                                                        "module: use parametrization.kind=lora")),
+                                                        "module: use parametrization.kind=lora, or launch with "
+                                                        "configs/accelerate/ddp.yaml")),
     Refusal("schedule × parametrization", "OFS fused forward × a pair of any parametrization but LoRA",
             "only the LoRA pair routes both modules through one forward; set ofs.fused_forward=false",
             lambda c, e: _uses_ofs(c) and c.ofs.fused_forward and not _routed_pair(c),

@@ -161,7 +161,8 @@ class TrainingRun:
         loss was not finite (on any process) and skipping is on."""
         batch = self.collate(indices)
         ref = self.reference_logps(indices, batch)
-        with self.engine.no_sync(sync), self.engine.autocast():
+        forwards = self.program.forwards
+        with self.engine.no_sync(sync, forwards), self.engine.autocast():
             step = self.program.forward(self, batch, ref)
             # the mean over the global micro-batch once DDP averages the gradients of the processes
             loss = step.loss_sum / global_size * self.world
@@ -169,7 +170,7 @@ class TrainingRun:
                 self._nonfinite(f"non-finite loss ({step.shown()})", indices)
                 return None
             with self.program.recomputation(self, batch):
-                self.engine.backward(loss * scale, sync)
+                self.engine.backward(loss * scale, sync, forwards)
         self.state["tokens"] += batch.num_tokens
         return step.metrics
 

@@ -10,8 +10,9 @@ that evaluation, generation and the checkpoints' metrics see; ``final/`` is a pl
 after a last check on the partial window (``ofs.export`` picks a module instead; ``best_val_fast``: the fast module
 at its lowest held-out loss, kept in ``best_fast/`` at each evaluation after step 0 — COFS-DPO's choice of a
 domain's module). Checkpoints hold both modules, the optimizer state of both groups, the role state and the best
-evaluation so far: resume is exact. Under several processes the fused forward is required (DDP synchronises one
-forward per backward). The spec is ../methods/ofs-cofs.md; what OFS refuses is in :mod:`preflab.train.compat`.
+evaluation so far: resume is exact. Two forwards (``forwards = 2``) under DDP: the engine averages the gradients
+after the backward; FSDP and DeepSpeed need the fused forward. The spec is ../methods/ofs-cofs.md; what OFS refuses
+is in :mod:`preflab.train.compat`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class OfsProgram(StepProgram):
         self.settings = config.ofs
         self.roles = RoleState(self.settings.swap_interval)
         self.chase_objective = None
+
+    @property
+    def forwards(self) -> int:
+        return 1 if self.settings.fused_forward else len(MODULES)
 
     def parametrization(self, model: torch.nn.Module):
         pc = self.config.parametrization

@@ -33,6 +33,8 @@ class StepResult:
 class StepProgram:
     """The offline schedule's step: one policy forward, the objective. Subclasses change what differs."""
 
+    forwards = 1  # policy forwards before each backward (the engine synchronises gradients after them)
+
     def __init__(self, config: Config):
         self.config = config
 

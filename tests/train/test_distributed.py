@@ -64,6 +64,31 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tiny_mode
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize(("pair", "extra"), [
+    ("dora", []), ("ropo", []), ("lora", ["train.grad_accum=2", "parametrization.dropout=0"])])
+def test_ofs_with_one_forward_per_module_under_ddp_equals_one_process(tiny_model_dir, tmp_path, pair, extra):
+    """A pair of any parametrization runs one forward per module: DDP's reducer expects one forward per backward, so
+    the engine averages the gradients itself after the last micro-batch's backward (the others accumulate alone)."""
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(11))
+    kinds = {"dora": "parametrization={kind: dora, r: 4}", "lora": "parametrization={kind: lora, r: 4}",
+             "ropo": "parametrization={kind: ropo, target_modules: [all-linear], factors: [[2, 1]]}"}
+
+    def args(out, batch_size):
+        common = _args(tiny_model_dir, data, out, batch_size, "lora")[:-1]  # (the pair's kind below)
+        return [*common, kinds[pair], "schedule=ofs", "ofs.swap_interval=1", "ofs.slow_lr_ratio=3", *extra]
+
+    _torchrun(args(tmp_path / "ddp", 2), tmp_path)
+    train(load_config(None, args(tmp_path / "single", 4)))
+    ddp, single = _records(tmp_path / "ddp"), _records(tmp_path / "single")
+    for key in ("loss", "ofs/loss_fast", "ofs/loss_slow", "ofs/leader", "ofs/grad_norm_fast", "ofs/grad_norm_slow"):
+        assert [r[key] for r in ddp] == pytest.approx([r[key] for r in single], rel=1e-4, abs=1e-5), key
+    a = load_file(list_checkpoints(tmp_path / "ddp")[-1] / "trainable.safetensors")
+    b = load_file(list_checkpoints(tmp_path / "single")[-1] / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # (the bound as above)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
 def test_bco_running_shift_under_ddp_equals_one_process(tiny_model_dir, tmp_path):
     """δ is the mean over every process's rewards, weighted by their counts: the epoch's uneven last batch (3 pairs:
     2 on one process, 1 on the other) included."""

@@ -107,7 +107,8 @@ def test_ofs_refuses_what_it_cannot_run(tiny_model_dir, data, tmp_path, monkeypa
     with pytest.raises(ConfigError, match="fused_forward=true"):
         TrainingRun(_config(tiny_model_dir, data, tmp_path / "b", "train.gradient_checkpointing=true"))
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is needed
-    with pytest.raises(ConfigError, match="several processes needs ofs.fused_forward=true"):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="ofs under FSDP needs ofs.fused_forward=true"):
         TrainingRun(_config(tiny_model_dir, data, tmp_path / "c"))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from accelerate.utils import broadcast_object_list
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .single import Engine
 
@@ -30,6 +31,27 @@ class DdpEngine(Engine):
 
     def share(self, value):
         return broadcast_object_list([value])[0]
+
+    def no_sync(self, sync: bool, forwards: int = 1):
+        # DDP's reducer expects one forward per backward: after several (OFS's one per module) the gradients are
+        # averaged here instead, at the last micro-batch of the update
+        return super().no_sync(sync and forwards == 1)
+
+    def backward(self, loss: torch.Tensor, sync: bool, forwards: int = 1) -> None:
+        super().backward(loss, sync)
+        if sync and forwards > 1:
+            self.average_gradients()
+
+    def average_gradients(self) -> None:
+        """Every gradient the processes hold, averaged over them in one all-reduce (as DDP's own reducer would)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.most(len(grads)) != len(grads) or self.most(-len(grads)) != -len(grads):
+            raise RuntimeError("DDP: the processes hold gradients for different parameters after the backward")
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world)
+        for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(averaged)
 
     def rng_state(self, own: dict) -> dict:
         states = [None] * self.world

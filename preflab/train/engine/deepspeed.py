@@ -36,7 +36,7 @@ class DeepSpeedEngine(DdpEngine):
             train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=grad_accum,
             train_batch_size=batch_size * grad_accum * self.world, gradient_clipping=max_grad_norm or 0.0)
 
-    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool, forwards: int = 1) -> None:
         # the boundary from preflab's micro-batch loop, the loss already scaled for the accumulation; the engine
         # clips (train.max_grad_norm) and updates at the boundary
         self.model.set_gradient_accumulation_boundary(sync)

@@ -98,15 +98,15 @@ class Engine:
 
     # -- a step ---------------------------------------------------------------------------------------------
 
-    def no_sync(self, sync: bool):
+    def no_sync(self, sync: bool, forwards: int = 1):
         """Within it, a backward does not synchronise gradients across processes (all micro-batches but the last
-        of an update)."""
+        of an update; ``forwards``: the policy forwards before the backward)."""
         return nullcontext() if sync else self.accelerator.no_sync(self.model)
 
     def autocast(self):
         return self.accelerator.autocast()
 
-    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool, forwards: int = 1) -> None:
         """Backward of one micro-batch's (already scaled) loss; ``sync``: the last of the update."""
         self.accelerator.backward(loss)
 
