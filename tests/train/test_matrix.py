@@ -38,20 +38,21 @@ SCHEDULES = {"offline": [], "ofs": ["schedule=ofs", "ofs.swap_interval=1", "ofs.
 AXES = (OBJECTIVES, PARAMETRIZATIONS, OPTIMIZERS, SCHEDULES)
 
 
-def _pairwise(axes) -> list[tuple[str, ...]]:
-    """Cells covering every pair of values of two axes (greedy, deterministic)."""
-    names = [list(a) for a in axes]
-    uncovered = {(i, a, j, b) for i, j in itertools.combinations(range(len(names)), 2)
-                 for a in names[i] for b in names[j]}
+def _pairwise(axes, candidates=None) -> list[tuple[str, ...]]:
+    """Cells (of ``candidates``, default: every cell of the product) covering every pair of values of two axes that
+    some candidate holds (greedy, deterministic)."""
+    candidates = list(candidates or itertools.product(*map(list, axes)))
+    pairs = list(itertools.combinations(range(len(axes)), 2))
+    uncovered = {(i, cell[i], j, cell[j]) for cell in candidates for i, j in pairs}
     cells = []
-    candidates = list(itertools.product(*names))
+
     def gain(cell, left):
-        return sum((i, cell[i], j, cell[j]) in left for i, j in itertools.combinations(range(len(cell)), 2))
+        return sum((i, cell[i], j, cell[j]) in left for i, j in pairs)
 
     while uncovered:
         best = max(candidates, key=lambda cell: gain(cell, uncovered))
         cells.append(best)
-        uncovered -= {(i, best[i], j, best[j]) for i, j in itertools.combinations(range(len(best)), 2)}
+        uncovered -= {(i, best[i], j, best[j]) for i, j in pairs}
     return cells
 
 
@@ -79,13 +80,17 @@ def world(tmp_path_factory, tokenizer):
     return {"base": str(base), "sft": str(sft), "data": a, "domains": domains}
 
 
-def _config(world, cell, out, *extra):
+def _args(world, cell, out, *extra) -> list[str]:
     args = [f"model.name={world['sft']}", f"data.train={world['data']}", "data.eval=null", f"output_dir={out}",
             "train.progress=false", "train.warmup_ratio=0", "diag.enabled=false", "train.batch_size=3",
             "train.lr=1e-2", "train.max_steps=2", "train.save_steps=1", "train.save_total_limit=null"]
     for axis, name in zip(AXES, cell):
         args += [a.replace("BASE", world["base"]) if a != "DOMAINS" else world["domains"] for a in axis[name]]
-    return load_config(None, args + list(extra))
+    return args + list(extra)
+
+
+def _config(world, cell, out, *extra):
+    return load_config(None, _args(world, cell, out, *extra))
 
 
 def _final_weights(run_dir) -> dict:
@@ -104,20 +109,28 @@ def _check_cell(world, cell, tmp_path):
         assert str(info.value) == refused.message(config, "single")
         return
     train(config)
-    resumed = tmp_path / "resumed"
-    if cell[3] in ("offline", "ofs"):  # resumed from the checkpoint of step 1
-        checkpoint = list_checkpoints(tmp_path / "straight")[0]
-        shutil.copytree(tmp_path / "straight", resumed, ignore=shutil.ignore_patterns("final", "checkpoints"))
+    _resume_from_step_1(tmp_path / "straight", tmp_path / "resumed", cell[3])
+    train(_config(world, cell, tmp_path / "resumed"))
+    assert_same_final(tmp_path / "straight", tmp_path / "resumed", cell)
+
+
+def _resume_from_step_1(straight, resumed, schedule: str) -> None:
+    """``resumed``: the run directory ``straight`` as it stood at its checkpoint of step 1."""
+    if schedule in ("offline", "ofs"):  # resumed from the checkpoint of step 1
+        checkpoint = list_checkpoints(straight)[0]
+        shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("final", "checkpoints"))
         (resumed / "checkpoints").mkdir()
         shutil.copytree(checkpoint, resumed / "checkpoints" / checkpoint.name)
     else:  # an outer schedule: its first inner run resumes from the checkpoint of step 1 (sampling and buffers are
         # seeded: redone alike), the rest runs afresh
-        first = sorted((tmp_path / "straight").glob("*-1*/train"))[0]
+        first = sorted(straight.glob("*-1*/train"))[0]
         checkpoint = list_checkpoints(first)[0]
-        inner = resumed / first.relative_to(tmp_path / "straight")
+        inner = resumed / first.relative_to(straight)
         shutil.copytree(checkpoint, inner / "checkpoints" / checkpoint.name)
-    train(_config(world, cell, resumed))
-    a, b = _final_weights(tmp_path / "straight"), _final_weights(resumed)
+
+
+def assert_same_final(straight, resumed, cell) -> None:
+    a, b = _final_weights(straight), _final_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), cell
 
 
