@@ -7,7 +7,8 @@
 With ``init_adapter`` (a PEFT adapter directory, e.g. an SFT run's ``final/``) the policy continues training that
 adapter on ``model.name``, and the reference is the model with the adapter as it was loaded (a frozen copy of its
 factors held as a second PEFT adapter), so that the policy again starts equal to the reference. This is the setting
-of the online merging optimizers' ``adapter_mode: adapter_space``.
+of the online merging optimizers' ``adapter_mode: adapter_space``. Schedules that start modules of their own (OFS's
+pair, APO's iterations, COFS's stages) fold the adapter into the weights instead (:func:`fold_adapter`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def _check_init_adapter(params: LoraParams, use_dora: bool) -> Path:
         raise ValueError(f"target_modules: {list(params.target_modules)} differ from the init_adapter's "
                          f"{sorted(targets)} ({path})")
     return path
+
+
+def fold_adapter(model: nn.Module, params: LoraParams, use_dora: bool) -> nn.Module:
+    """``model`` with ``params.init_adapter`` merged into its weights (W + ΔW), checked against ``params`` as a
+    continued adapter is: a plain model whose function is the base with the adapter."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, _check_init_adapter(params, use_dora)).merge_and_unload()
 
 
 class PeftAdapter(Parametrization):

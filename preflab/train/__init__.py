@@ -18,6 +18,7 @@ def train(config):
     from ..adapters.base import check_parametrization
     from ..console import setup_logging
     from .compat import check_compatible
+    from .folding import fold_start_adapter
     from .loop import TrainingRun
     from .safety import check_writable
     from .schedules import schedule_registry
@@ -26,6 +27,7 @@ def train(config):
     check_compatible(config)
     check_parametrization(config.model.name, config.parametrization)  # the settings against the model's layers
     check_writable(config.output_dir)  # every schedule's run directory, before any work
+    config = fold_start_adapter(config)  # (init_adapter under a schedule that starts its own modules)
     spec = schedule_registry()[config.schedule]
     return (TrainingRun(config) if spec.program is not None else spec.driver(config)).run()
 

@@ -52,6 +52,13 @@ def continued_adapter(config: Config) -> str | None:
     return getattr(config.parametrization.params, "init_adapter", None)
 
 
+def _continues_adapter(config: Config) -> bool:
+    """The schedule continues a saved adapter itself (the others fold it into the weights: preflab.train.folding)."""
+    from .schedules import schedule_registry
+
+    return schedule_registry()[config.schedule].continues_adapter
+
+
 def _routed_pair(config: Config) -> bool:
     """The parametrization has a fast/slow pair of its own that runs both modules in one routed forward (LoRA)."""
     from ..adapters import parametrization_registry
@@ -113,11 +120,14 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda c, e: f"optim: {c.optim.name} with adapter_mode adapter_space continues training the SFT adapter: "
                          "set parametrization.kind=lora (or dora) with parametrization.init_adapter=<the SFT adapter "
                          "directory>"),
-    Refusal("schedule × parametrization", "every schedule but offline × parametrization.init_adapter",
-            "not built yet: OFS's two modules, APO's iterations and COFS's stages start their own modules",
-            lambda c, e: c.schedule != "offline" and continued_adapter(c) is not None,
-            lambda c, e: f"parametrization.init_adapter: schedule {c.schedule} does not continue a saved adapter (only "
-                         "the offline schedule does); remove parametrization.init_adapter"),
+    Refusal("optimizer × schedule", "OnDARE, OnTIES (adapter_mode adapter_space) × every schedule but offline",
+            "OFS's pair, APO's iterations and COFS's stages train modules of their own over the SFT adapter folded "
+            "into the weights: no adapter is continued for τ = φ_SFT − φ_init to act on",
+            lambda c, e: c.optim.name != "adamw" and c.optim.params.adapter_mode == "adapter_space"
+            and not _continues_adapter(c),
+            lambda c, e: f"optim.adapter_mode: adapter_space merges with the SFT adapter the policy continues, and "
+                         f"schedule {c.schedule} starts modules of its own (parametrization.init_adapter is folded "
+                         "into the weights); use schedule=offline, or optim.name=adamw"),
     Refusal("schedule × objective", "OFS × reference-free objectives",
             "OFS's margins are log-ratios to a reference",
             lambda c, e: _uses_ofs(c) and _reference_free(c),

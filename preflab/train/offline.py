@@ -26,4 +26,4 @@ class OfflineProgram(StepProgram):
         return StepResult(out.losses.sum(), lambda: out.losses.mean().item(), pair_metrics(pair, out))
 
 
-register_schedule("offline", OfflineSettings, program=OfflineProgram)
+register_schedule("offline", OfflineSettings, program=OfflineProgram, continues_adapter=True)

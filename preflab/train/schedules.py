@@ -23,6 +23,9 @@ class ScheduleSpec:
     program: type | None = None  # offline-like: the StepProgram the loop runs
     driver: Callable | None = None  # outer: Config -> an object whose run() drives inner runs
     uses: Callable[[dict], tuple[str, ...]] = _reads_nothing  # other schedules' sections it reads (by settings)
+    # it continues a saved adapter (parametrization.init_adapter) itself; else the run folds it into the weights
+    # first and the schedule starts its own modules there (preflab.train.folding)
+    continues_adapter: bool = False
 
 
 _REGISTRY: dict[str, ScheduleSpec] = {}
@@ -30,12 +33,13 @@ _MODULES = ("offline", "ofs", "apo", "cofs")  # the modules that register the bu
 
 
 def register_schedule(name: str, settings: type, program: type | None = None, driver: Callable | None = None,
-                      uses: Callable[[dict], tuple[str, ...]] = _reads_nothing) -> None:
+                      uses: Callable[[dict], tuple[str, ...]] = _reads_nothing,
+                      continues_adapter: bool = False) -> None:
     if name in _REGISTRY:
         raise ValueError(f"schedule {name!r} registered twice")
     if (program is None) == (driver is None):
         raise ValueError(f"schedule {name!r}: give either a step program or a driver")
-    _REGISTRY[name] = ScheduleSpec(name, settings, program, driver, uses)
+    _REGISTRY[name] = ScheduleSpec(name, settings, program, driver, uses, continues_adapter)
 
 
 def schedule_registry() -> dict[str, ScheduleSpec]:

@@ -83,7 +83,7 @@ def test_adapter_space_refuses_what_it_cannot_read(tiny_model_dir, adapters, tmp
                          "parametrization={kind: full}"))
     with pytest.raises(ConfigError, match="remove optim.base_model"):
         _cfg(tiny_model_dir, adapters, tmp_path / "b", "optim.name=ondare_adamw", f"optim.base_model={tiny_model_dir}")
-    with pytest.raises(ConfigError, match="schedule ofs does not continue a saved adapter"):
+    with pytest.raises(ConfigError, match="the policy continues, and schedule ofs starts modules"):
         TrainingRun(_cfg(tiny_model_dir, adapters, tmp_path / "c", "schedule=ofs", "optim.name=ondare_adamw"))
     with pytest.raises(ConfigError, match="adapter_init: only adapter_mode adapter_space"):
         _cfg(tiny_model_dir, adapters, tmp_path / "d", "optim.name=ondare_adamw", "optim.adapter_mode=full_only",
