@@ -85,8 +85,10 @@ REFUSALS: tuple[Refusal, ...] = (
             lambda c, e: "accelerate DeepSpeed: ofs.clip_scope=per_module cannot clip each module apart, DeepSpeed "
                          "clips every gradient together inside its step; use ofs.clip_scope=joint"),
     Refusal("engine × schedule", "FSDP, DeepSpeed × OFS with one forward per module",
-            "their gradient reduction follows each forward; only the LoRA pair's routed forward runs both modules in "
-            "one (DDP averages the gradients of two forwards itself)",
+            "the pair of two module trees (DoRA, RoPO, full) runs each module's network past the sharded root, which "
+            "gathers the shared embeddings and head (tried under FSDP: a DTensor error in the embedding); the LoRA "
+            "pair's two separate forwards are not tried, its routed forward runs both in one (DDP averages the "
+            "gradients of two forwards itself)",
             lambda c, e: _uses_ofs(c) and _sharded(e) and not (c.ofs.fused_forward and _routed_pair(c)),
             lambda c, e: f"schedule: ofs under {ENGINE_LABELS[e]} needs ofs.fused_forward=true (its gradient reduction "
                          "follows each forward; the routed forward runs both modules in one)"
